@@ -1,0 +1,51 @@
+"""Attention over the paged KV cache.
+
+The torch reference serves the CPU and any device without kernels: for each sequence it gathers
+the sequence's cached keys and values through its block table and runs SDPA with the causal
+offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longserve.kv.cache import KVCache
+
+
+@dataclass
+class AttnMeta:
+    """Where each sequence's queries sit in the flat batch and where its KV lives."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of every new token
+    query_start: list[int]  # [B + 1] offsets of each sequence's queries in the batch
+    context_lens: list[int]  # [B] tokens in the cache after this step, per sequence
+    block_tables: list[torch.Tensor]  # [B] block ids of each sequence
+
+
+def attention(
+    q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] -> output [T, Hq, D]; keys and values come from the cache."""
+    out = torch.empty_like(q)
+    for i, ctx in enumerate(meta.context_lens):
+        s, e = meta.query_start[i], meta.query_start[i + 1]
+        n = e - s
+        k, v = cache.gather(layer, meta.block_tables[i], ctx, q.dtype)
+        qi, k, v = q[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if n == ctx:
+            o = F.scaled_dot_product_attention(
+                qi, k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
+        elif n == 1:
+            o = F.scaled_dot_product_attention(qi, k, v, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos
+            o = F.scaled_dot_product_attention(
+                qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[s:e] = o.transpose(0, 1)
+    return out

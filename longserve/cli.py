@@ -14,6 +14,7 @@ from longserve.config import EngineConfig
 # subcommand -> module with register(subparsers) that adds it and sets func
 SUBCOMMANDS = {
     "generate": "longserve.cli",
+    "plan": "longserve.plan.cli",
 }
 
 

@@ -1,0 +1,109 @@
+"""The GPU table the planner prices against: datasheet peaks, and ceilings measured on a real part.
+
+Units: memory in GB (10^9 bytes, as datasheets count), bandwidth in TB/s (10^12 bytes/s), tensor
+rates in dense TFLOP/s (datasheets print the 2:4-sparse rate; the dense one is half of it).
+A datasheet entry reads weights and KV at the same HBM peak and runs prefill attention at the
+bf16 rate; a measured entry carries what each path reached. To add a GPU, add a row here or pass
+the planner a JSON file with the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    hbm_gb: float  # capacity
+    weight_read_tbps: float  # streaming weights in a decode GEMV
+    kv_read_tbps: float  # streaming KV in decode attention
+    bf16_tflops: float  # dense bf16 matmul
+    fp8_tflops: float  # dense fp8 matmul
+    attention_tflops: float  # causal prefill attention
+    measured: bool  # True: achieved ceilings (efficiency 1 by default); False: datasheet peaks
+    source: str
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fraction of a GPU entry's rate that a path reaches."""
+
+    weight_read: float = 1.0
+    kv_read: float = 1.0
+    matmul_bf16: float = 1.0
+    matmul_fp8: float = 1.0
+    attention: float = 1.0
+
+
+def datasheet(
+    name: str, hbm_gb: float, hbm_tbps: float, bf16: float, fp8: float, source: str
+) -> GPU:
+    return GPU(name, hbm_gb, hbm_tbps, hbm_tbps, bf16, fp8, bf16, False, source)
+
+
+GPUS = {
+    g.name: g
+    for g in [
+        datasheet(
+            "h100-sxm",
+            80,
+            3.35,
+            1979 / 2,
+            3958 / 2,
+            "NVIDIA H100 Tensor Core GPU datasheet, SXM column (sparse tensor rates halved)",
+        ),
+        datasheet(
+            "h200-sxm",
+            141,
+            4.8,
+            1979 / 2,
+            3958 / 2,
+            "NVIDIA H200 Tensor Core GPU datasheet, SXM column (sparse tensor rates halved)",
+        ),
+        GPU(
+            "h200-measured",
+            hbm_gb=141,
+            weight_read_tbps=3.78,
+            kv_read_tbps=3.63,
+            bf16_tflops=775,
+            fp8_tflops=1372,
+            attention_tflops=558,
+            measured=True,
+            source="shared/GPU.md, one H200, 2026-11-29: bf16 GEMV 57344x8192 batch 1; SDPA decode"
+            " bf16 KV 128K batch 1; bf16 and fp8 GEMM 8192^3; SDPA causal prefill 128K (cuDNN)."
+            " Capacity from the datasheet.",
+        ),
+    ]
+}
+
+# Efficiencies a datasheet entry gets by default: what the H200 reached over what it promises.
+_SEEN, _PEAK = GPUS["h200-measured"], GPUS["h200-sxm"]
+MEASURED_EFFICIENCY = Efficiency(
+    weight_read=_SEEN.weight_read_tbps / _PEAK.weight_read_tbps,
+    kv_read=_SEEN.kv_read_tbps / _PEAK.kv_read_tbps,
+    matmul_bf16=_SEEN.bf16_tflops / _PEAK.bf16_tflops,
+    matmul_fp8=_SEEN.fp8_tflops / _PEAK.fp8_tflops,
+    attention=_SEEN.attention_tflops / _PEAK.attention_tflops,
+)
+
+
+def default_efficiency(gpu: GPU) -> Efficiency:
+    """Measured entries already are ceilings; datasheet ones are derated as the H200 measured."""
+    return Efficiency() if gpu.measured else MEASURED_EFFICIENCY
+
+
+def get_gpu(name: str) -> GPU:
+    """A table name, or a JSON file holding a GPU's fields."""
+    if name.lower() in GPUS:
+        return GPUS[name.lower()]
+    path = Path(name).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        d = json.loads(path.read_text())
+        names = [f.name for f in fields(GPU)]
+        if set(d) != set(names):
+            raise ValueError(f"{path}: a GPU file holds exactly the fields {', '.join(names)}")
+        return GPU(**d)
+    raise ValueError(f"unknown GPU {name!r}: use {', '.join(GPUS)} or a JSON file of GPU fields")

@@ -15,6 +15,7 @@ from longserve.config import EngineConfig
 SUBCOMMANDS = {
     "generate": "longserve.cli",
     "plan": "longserve.plan.cli",
+    "serve": "longserve.serve.cli",
 }
 
 

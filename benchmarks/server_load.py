@@ -252,7 +252,7 @@ def main() -> int:
         "ttft_p50_s": round(percentile(ttfts, 50), 3) if ttfts else None,
         "ttft_p99_s": round(percentile(ttfts, 99), 3) if ttfts else None,
         "tokens_completed": sum(o.tokens for o in outs),
-        "output_tokens_per_s": round(sum(o.tokens for o in outs) / wall, 1),
+        "completed_tokens_per_s": round(sum(o.tokens for o in outs) / wall, 1),
         "server_finished_requests": m.get("longserve:request_success_total", 0),
         "server_generated_tokens": m.get("longserve:generation_tokens_total", 0),
         "running_after": m["longserve:num_requests_running"],
@@ -268,11 +268,13 @@ def main() -> int:
         "healthy_after": healthy,
         "server_exit_code": server.returncode,
     }
+    exe = Path(sys.executable)
+    exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
     record = {
         "benchmark": "server_load",
         **info,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "server_command": " ".join(server_cmd[1:]),
+        "command": " ".join([str(exe), *sys.argv]),
+        "server_command": " ".join([str(exe), *server_cmd[1:]]),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }

@@ -33,6 +33,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.dtype,
         help="weights and activations: auto (bf16 on CUDA, float32 on CPU), float32, bfloat16",
     )
+    g.add_argument(
+        "--weights",
+        default=d.weights,
+        choices=["auto", "bf16", "fp16", "fp8", "int4"],
+        help="decoder linear weights: auto (as loaded), bf16/fp16 (the model dtype), fp8"
+        " (e4m3, channel scales), int4 (group 128); fp8 and int4 quantize float weights at load",
+    )
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     g.add_argument(
         "--max-model-len",

@@ -135,6 +135,7 @@ class EngineConfig:
 
     model: str = "smollm2-135m"
     dtype: str = "auto"
+    weights: str = "auto"  # decoder linears: auto (as loaded), bf16, fp16, fp8, int4
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16

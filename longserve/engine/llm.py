@@ -22,6 +22,7 @@ from longserve.models import loader
 from longserve.models.llama import CausalLM
 from longserve.models.registry import ModelSource, resolve
 from longserve.models.rope import Rotary
+from longserve.ops import quant_linear
 from longserve.tokenizer import load_tokenizer
 
 log = logging.getLogger("longserve")
@@ -66,10 +67,12 @@ def load_model(cfg: EngineConfig, src: ModelSource) -> tuple[ModelConfig, Causal
             for k, v in weights.items()
             if not k.startswith("model.layers.") or int(k.split(".")[2]) < mcfg.num_layers
         }
+        quant_linear.adopt_checkpoint(model, keep)  # AWQ / compressed-tensors layers
         model.load_state_dict(keep, strict=True)
     else:
         loader.fill_synthetic(model, cfg.seed)
     model.tie_weights()
+    quant_linear.quantize_model(model, cfg.weights)  # after sharding: --weights fp8 / int4
     return mcfg, model.eval(), max_len
 
 

@@ -1,5 +1,8 @@
 """Weights: GGUF files (dequantized with the gguf package), safetensors folders, synthetic weights.
 
+A safetensors folder whose config.json has a quantization_config (AWQ int4, compressed-tensors
+fp8) has its linear tensors converted to the layouts of longserve.ops.quant_linear.
+
 Everything is returned under HF parameter names so one decoder serves all sources.
 """
 
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from longserve.config import ModelConfig
+from longserve.ops.quant_linear import from_checkpoint
 
 _GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -113,7 +117,8 @@ def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(load_file(str(f)))
-    return weights
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    return from_checkpoint(weights, qc) if qc else weights
 
 
 def hf_config(folder: Path) -> ModelConfig:

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "generate": "longserve.cli",
     "plan": "longserve.plan.cli",
     "serve": "longserve.serve.cli",
+    "eval": "longserve.eval.cli",
 }
 
 

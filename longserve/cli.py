@@ -15,6 +15,8 @@ from longserve.config import EngineConfig
 SUBCOMMANDS = {
     "generate": "longserve.cli",
     "plan": "longserve.plan.cli",
+    "bench": "longserve.bench.cli",
+    "report": "longserve.bench.report",
     "serve": "longserve.serve.cli",
     "eval": "longserve.eval.cli",
 }

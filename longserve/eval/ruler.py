@@ -360,7 +360,6 @@ class Builder:
 
     def __init__(self, tok, seed: int = 42) -> None:
         self.tok, self.seed = tok, seed
-        self._guess: dict[tuple[str, int], int] = {}
         self._vt_example: str | None = None
 
     def sample(self, task: Task, target: int, index: int) -> Sample:
@@ -372,16 +371,10 @@ class Builder:
         else:
             render = {"niah": niah, "cwe": cwe, "fwe": fwe}[task.kind](task, rng, target)
         budget = target - task.max_new_tokens
-        key = (task.name, target)
-        if key not in self._guess:  # a first guess from the tokens per haystack unit
-            per_unit = count_tokens(self.tok, chat_text(self.tok, render(64))) / 64
-            self._guess[key] = int(budget / per_unit)
-        n = fit(
-            lambda n: count_tokens(self.tok, chat_text(self.tok, render(n))),
-            budget,
-            self._guess[key],
-        )
-        self._guess[key] = n
+        count = lambda n: count_tokens(self.tok, chat_text(self.tok, render(n)))  # noqa: E731
+        # the search starts from the tokens per unit of a small haystack, so that the size found
+        # depends on nothing but the sample
+        n = fit(count, budget, int(budget * 64 / count(64)))
         built = render(n)
         prompt = chat_text(self.tok, built)
         ids = self.tok.encode(prompt, add_special_tokens=False)

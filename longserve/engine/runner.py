@@ -3,6 +3,12 @@
 All sequences of a step go through the model together as one flat batch of tokens; only the
 rows that need logits (the last token of a sequence that reached its end, and prompt positions
 whose logprobs were asked for) go through the lm_head.
+
+On CUDA the step also carries its block tables, lengths and query offsets as tensors for the
+Triton kernels, and decode steps (one new token per sequence) replay a CUDA graph captured at
+the next batch size up in GRAPH_BATCH_SIZES: a decode step of a small model is otherwise
+mostly kernel-launch time. Padding rows of a graph batch write nowhere (slot -1) and attend to
+nothing (length 0).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from longserve.kv.cache import KVCache
 from longserve.models.llama import CausalLM
 from longserve.ops.attention import AttnMeta
 
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
 
 @dataclass
 class StepResult:
@@ -25,9 +33,71 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVCache,
+        device: torch.device,
+        max_model_len: int = 0,
+        max_num_seqs: int = 0,
+        cuda_graphs: bool = False,
+    ) -> None:
+        """cuda_graphs: capture decode steps up to max_num_seqs sequences of max_model_len."""
         self.model, self.kv, self.device = model, kv, device
         self.block_size = kv.block_size
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graphs:
+            self._capture([b for b in GRAPH_BATCH_SIZES if b < 2 * max_num_seqs])
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int]) -> None:
+        """One graph per batch size, largest first, sharing one memory pool and the inputs."""
+        n, width, dev = sizes[-1], -(-self.max_model_len // self.block_size), self.device
+        self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.g_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.g_table = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        pool = None
+        for b in reversed(sizes):
+            meta = AttnMeta(
+                slot_mapping=self.g_slots[:b],
+                query_start=list(range(b + 1)),
+                context_lens=[0] * b,
+                block_tables=[],
+                block_table=self.g_table[:b],
+                seq_lens=self.g_lens[:b],
+                cu_seqlens_q=cu[: b + 1],
+                max_query_len=1,
+                max_seq_len=self.max_model_len,
+            )
+            args = (self.g_ids[:b], self.g_pos[:b], self.kv, meta)
+            self.model(*args)  # compiles the kernels outside the capture
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(*args)
+            pool = graph.pool()
+            self.graphs[b] = (graph, out)
+
+    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttnMeta) -> torch.Tensor | None:
+        """Run a decode step through its graph; None when no graph fits it."""
+        n = ids.shape[0]
+        b = min((s for s in self.graphs if s >= n), default=None)
+        if meta.max_query_len != 1 or b is None:
+            return None
+        graph, out = self.graphs[b]
+        self.g_ids[:n].copy_(ids)
+        self.g_pos[:n].copy_(pos)
+        self.g_slots[:n].copy_(meta.slot_mapping)
+        self.g_slots[n:b].fill_(-1)
+        self.g_lens[:n].copy_(meta.seq_lens)
+        self.g_lens[n:b].fill_(0)
+        self.g_table[:n, : meta.block_table.shape[1]].copy_(meta.block_table)
+        graph.replay()
+        return out[:n]
 
     def _slots(self, req: Request, start: int, n: int) -> list[int]:
         bs, table = self.block_size, req.block_ids
@@ -53,18 +123,23 @@ class ModelRunner:
                 if last > s:
                     plp_rows.append((req, qstart[-2], s, last))
         dev = self.device
-        meta = AttnMeta(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start=qstart,
-            context_lens=ctx,
-            block_tables=[torch.tensor(t, dtype=torch.long, device=dev) for t in tables],
-        )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            self.kv,
-            meta,
-        )
+        meta = AttnMeta(torch.tensor(slots, dtype=torch.long, device=dev), qstart, ctx, [])
+        if dev.type == "cuda":  # one padded table; the reference's per-sequence tables view it
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            meta.block_table = torch.tensor(padded, dtype=torch.int32, device=dev)
+            meta.block_tables = [meta.block_table[i, : len(t)] for i, t in enumerate(tables)]
+            meta.seq_lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+            meta.cu_seqlens_q = torch.tensor(qstart, dtype=torch.int32, device=dev)
+            meta.max_query_len = max(n for _, n in items)
+            meta.max_seq_len = max(ctx)
+        else:
+            meta.block_tables = [torch.tensor(t, dtype=torch.long, device=dev) for t in tables]
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        hidden = self._replay(ids_t, pos_t, meta) if self.graphs else None
+        if hidden is None:
+            hidden = self.model(ids_t, pos_t, self.kv, meta)
         samples = {}
         if sample_reqs:
             logits = self.model.logits(hidden[sample_rows])

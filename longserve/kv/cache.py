@@ -32,6 +32,11 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store k, v [T, kv_heads, head_dim] at flat slots [T]."""
+        if k.is_cuda:  # the Triton store kernel writes the same bytes; slots < 0 are skipped
+            from longserve.ops import triton as kernels
+
+            kernels.store_kv(k, v, slots, kernels.paged_kv(self, layer))
+            return
         self.k[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(
             0, slots, k.to(self.dtype)
         )

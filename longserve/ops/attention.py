@@ -2,7 +2,9 @@
 
 The torch reference serves the CPU and any device without kernels: for each sequence it gathers
 the sequence's cached keys and values through its block table and runs SDPA with the causal
-offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token).
+offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token). On CUDA,
+with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
+(ops/triton): paged decode when every sequence brings one query, paged extend otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 
 from longserve.kv.cache import KVCache
 
+use_kernels = True  # False runs the torch reference on CUDA too (the oracle in tests)
+
 
 @dataclass
 class AttnMeta:
@@ -23,12 +27,30 @@ class AttnMeta:
     query_start: list[int]  # [B + 1] offsets of each sequence's queries in the batch
     context_lens: list[int]  # [B] tokens in the cache after this step, per sequence
     block_tables: list[torch.Tensor]  # [B] block ids of each sequence
+    # the same, as tensors for the kernels (the runner builds them once per step on CUDA)
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int32, rows padded with 0
+    seq_lens: torch.Tensor | None = None  # [B] int32, context_lens
+    cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32, query_start
+    max_query_len: int = 0
+    max_seq_len: int = 0  # a bound on seq_lens (max_model_len under a CUDA graph)
 
 
 def attention(
     q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D] -> output [T, Hq, D]; keys and values come from the cache."""
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if use_kernels and meta.block_table is not None and q.is_cuda and half:
+        from longserve.ops import triton as kernels
+
+        kv = kernels.paged_kv(cache, layer)
+        if meta.max_query_len == 1:
+            return kernels.paged_decode(
+                q, kv, meta.block_table, meta.seq_lens, scale, meta.max_seq_len
+            )
+        return kernels.paged_extend(
+            q, kv, meta.block_table, meta.seq_lens, meta.cu_seqlens_q, meta.max_query_len, scale
+        )
     out = torch.empty_like(q)
     for i, ctx in enumerate(meta.context_lens):
         s, e = meta.query_start[i], meta.query_start[i + 1]

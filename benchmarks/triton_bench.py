@@ -1,0 +1,367 @@
+"""The Triton kernels and the engine on CUDA, against their peers, in one call (JSON out).
+
+copy     the device-to-device copy ceiling, bytes read + written, measured first in the same call
+decode   paged decode on Llama-3.3-70B's layer shape (64 q / 8 KV heads, d=128, blocks of 16):
+         16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64);
+         time, KV bytes read per second (group scales counted), against SDPA on the same bf16
+         data laid out contiguously. The engine's default launch (decode_config) and a sweep of
+         configs are timed per point; the default's figure and the best one are both kept.
+prefill  causal prefill of one 16K and one 128K prompt through the paged extend kernel, TFLOP/s
+         against SDPA's cuDNN and flash backends on contiguous tensors.
+e2e      decode tokens/s of the engine at batch 1 and 32, CUDA graphs on and off, against HF
+         transformers (static cache, SDPA, eager) on the same weights: the embedded model (its
+         GGUF given by --gguf) and a synthetic Llama-3.1-8B.
+
+    python benchmarks/triton_bench.py --out results.json [--gguf SmolLM2.gguf] [--sections ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from benchmarks.common import environment, write
+from longserve.ops.triton import PagedKV, paged_decode, paged_extend
+from longserve.ops.triton.decode import num_splits
+from longserve.ops.triton.extend import extend_config
+
+HQ, HKV, D, BS = 64, 8, 128, 16
+GROUP = 64  # int4 channels per scale/zero pair
+DEV = torch.device("cuda")
+# (block_n, num_warps, num_stages, waves of programs over the SMs)
+DECODE_CONFIGS = [(64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 3, 4), (64, 4, 3, 8), (32, 4, 4, 8)]
+PREFILL_CONFIGS = [
+    extend_config(D, HQ // HKV),  # the default: BM=64, TM=8, BN=64, 4 warps, 3 stages
+    dict(BM=128, TM=16, BN=64, num_warps=8, num_stages=2),
+    dict(BM=128, TM=16, BN=64, num_warps=8, num_stages=3),
+    dict(BM=128, TM=16, BN=128, num_warps=8, num_stages=2),
+]
+
+
+def bench_ms(fn, rep: int = 200) -> float:  # noqa: ANN001
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def events_ms(fn, repeats: int = 3) -> float:  # noqa: ANN001
+    """Median of CUDA-event timings after one warm-up run, for calls of a second or so."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def copy_ceiling() -> dict:
+    x = torch.randn(2**30, device=DEV)  # 4 GiB, far past the L2
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    return {"bytes": 2 * x.numel() * 4, "ms": ms, "tb_s": 2 * x.numel() * 4 / ms / 1e9}
+
+
+def paged_cache(fmt: str, blocks: int) -> tuple[PagedKV, int]:
+    """Random K/V pools of one layer in a format, and the bytes a token's K+V takes in it."""
+    shape = (blocks, BS, HKV, D)
+    if fmt == "bf16":
+        k = torch.randn(shape, dtype=torch.bfloat16, device=DEV)
+        return PagedKV(k, torch.randn_like(k)), 2 * HKV * D * 2
+    if fmt == "fp8_e4m3":
+        k = torch.randn(shape, dtype=torch.bfloat16, device=DEV).to(torch.float8_e4m3fn)
+        v = torch.randn(shape, dtype=torch.bfloat16, device=DEV).to(torch.float8_e4m3fn)
+        s = torch.rand(2, HKV, device=DEV) * 0.01 + 0.001
+        return PagedKV(k, v, s[0], s[1]), 2 * HKV * D
+    pk = (*shape[:3], D // 2)
+    pg = (*shape[:3], D // GROUP)
+
+    def params() -> torch.Tensor:
+        return (torch.rand(pg, device=DEV) * 0.1 + 0.01).half()
+
+    k = torch.randint(0, 256, pk, dtype=torch.uint8, device=DEV)
+    v = torch.randint(0, 256, pk, dtype=torch.uint8, device=DEV)
+    kv = PagedKV(k, v, params(), params(), params() * 100, params() * 100, GROUP)
+    return kv, 2 * HKV * (D // 2 + D // GROUP * 4)
+
+
+def decode_point(length: int, batch: int) -> list[dict]:
+    nb = length // BS
+    blocks = batch * nb
+    perm = torch.randperm(blocks, device=DEV).int()  # scattered pages, as a busy pool has them
+    table = perm.view(batch, nb)
+    seq = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=DEV)
+    scale = D**-0.5
+    rows = []
+    bf16_ms = None
+    for fmt in ("bf16", "fp8_e4m3", "int4"):
+        kv, tok_bytes = paged_cache(fmt, blocks)
+        nbytes = batch * length * tok_bytes + (2 * HKV * 4 if fmt == "fp8_e4m3" else 0)
+        times = {"default": bench_ms(lambda kv=kv: paged_decode(q, kv, table, seq, scale, length))}
+        for bn, warps, stages, waves in DECODE_CONFIGS:
+            splits = num_splits(batch, HKV, length, DEV, waves)
+
+            def run(kv=kv, bn=bn, warps=warps, stages=stages, splits=splits):  # noqa: ANN202
+                return paged_decode(q, kv, table, seq, scale, length, splits, bn, warps, stages)
+
+            times[f"bn{bn}_w{warps}_s{stages}_x{waves}"] = bench_ms(run)
+        default = "default"
+        best = min(times, key=times.get)
+        row = {
+            "format": fmt,
+            "context": length,
+            "batch": batch,
+            "kv_bytes": nbytes,
+            "ms": times[default],
+            "tb_s": nbytes / times[default] / 1e9,
+            "best_config": best,
+            "best_ms": times[best],
+            "best_tb_s": nbytes / times[best] / 1e9,
+            "configs_ms": times,
+        }
+        if fmt == "bf16":
+            bf16_ms = times[best]
+            k = kv.k[table.long()].view(batch, length, HKV, D).transpose(1, 2).contiguous()
+            v = kv.v[table.long()].view(batch, length, HKV, D).transpose(1, 2).contiguous()
+            qs = q.unsqueeze(2)
+
+            def sdpa(qs=qs, k=k, v=v):  # noqa: ANN202
+                return F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)
+
+            row["sdpa_ms"] = bench_ms(sdpa)
+            row["sdpa_tb_s"] = nbytes / row["sdpa_ms"] / 1e9
+            out = paged_decode(q, kv, table, seq, scale, length)
+            row["rel_err_vs_sdpa"] = rel_err(out, sdpa().squeeze(2))
+            del k, v
+        else:
+            row["best_vs_bf16_best"] = times[best] / bf16_ms
+        rows.append(row)
+        print(
+            f"decode {fmt:9s} L={length:6d} B={batch:2d} {times[default]:8.3f} ms"
+            f" {row['tb_s']:.2f} TB/s | best {times[best]:8.3f} ms {row['best_tb_s']:.2f} TB/s"
+            f" {best}" + (f" | sdpa {row['sdpa_ms']:.3f} ms" if "sdpa_ms" in row else ""),
+            flush=True,
+        )
+        del kv
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend) -> dict:
+    """One backend's causal prefill on [1, H, L, D]; K/V expanded to all heads if GQA is refused."""
+    for gqa in (True, False):
+        kk = k if gqa else k.repeat_interleave(HQ // HKV, 1)
+        vv = v if gqa else v.repeat_interleave(HQ // HKV, 1)
+
+        def run(kk=kk, vv=vv, gqa=gqa):  # noqa: ANN202
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+
+        try:
+            return {"ms": events_ms(run), "gqa": "native" if gqa else "expanded", "out": run()}
+        except RuntimeError as e:
+            err = str(e).splitlines()[0][:200]
+    return {"error": err}
+
+
+def prefill_point(length: int, configs: list[dict]) -> dict:
+    nb = length // BS
+    table = torch.randperm(nb, device=DEV).int().view(1, nb)
+    seq = torch.tensor([length], dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0, length], dtype=torch.int32, device=DEV)
+    kv, _ = paged_cache("bf16", nb)
+    q = torch.randn(length, HQ, D, dtype=torch.bfloat16, device=DEV)
+    flops = 2 * length * length * HQ * D  # causal: half of 4 L^2 H D
+    res = {"context": length, "flops": flops, "configs": {}}
+    ours = None
+    for cfg in configs:
+        name = "bm{BM}_bn{BN}_w{num_warps}_s{num_stages}".format(**cfg)
+
+        def run(q=q, kv=kv, cfg=cfg):  # noqa: ANN202
+            return paged_extend(q, kv, table, seq, cu, length, D**-0.5, cfg)
+
+        ms = events_ms(run)
+        res["configs"][name] = {"ms": ms, "tflop_s": flops / ms / 1e9}
+        ours = ours if ours is not None else run()
+    qs = q.transpose(0, 1).unsqueeze(0)
+    k = kv.k[table.long()].view(1, length, HKV, D).transpose(1, 2).contiguous()
+    v = kv.v[table.long()].view(1, length, HKV, D).transpose(1, 2).contiguous()
+    for label, backend in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+    ):
+        r = sdpa_prefill(qs, k, v, backend)
+        if "out" in r:
+            r["rel_err_ours_vs_it"] = rel_err(ours, r.pop("out")[0].transpose(0, 1))
+            r["tflop_s"] = flops / r["ms"] / 1e9
+        res[label] = r
+    best = max(res["configs"], key=lambda c: res["configs"][c]["tflop_s"])
+    res["default"] = next(iter(res["configs"]))
+    res["best"] = best
+    print(
+        f"prefill L={length}: ours {res['configs'][res['default']]['tflop_s']:.0f} TFLOP/s"
+        f" (best {res['configs'][best]['tflop_s']:.0f}, {best}) | cudnn"
+        f" {res['cudnn'].get('tflop_s', 0):.0f} | flash {res['flash'].get('tflop_s', 0):.0f}",
+        flush=True,
+    )
+    del kv, q, k, v
+    torch.cuda.empty_cache()
+    return res
+
+
+def engine_decode(model: str, batches: list[int], new: int, prompt: int, **kw) -> tuple:
+    """Decode tokens/s of the engine per batch, CUDA graphs on then off; returns the engine too."""
+    from longserve import LLM, SamplingParams
+
+    llm = LLM(
+        model=model,
+        dtype="bfloat16",
+        enable_prefix_caching=False,
+        max_num_seqs=max(batches),
+        max_model_len=8192,
+        seed=0,
+        **kw,
+    )
+    vocab = llm.engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    sp = SamplingParams(temperature=0, max_tokens=new + 1, ignore_eos=True)
+    res = {"graph_sizes": sorted(llm.engine.runner.graphs)}
+    graphs = llm.engine.runner.graphs
+    for label, g in (("graphs", graphs), ("eager", {})):
+        llm.engine.runner.graphs = g
+        for b in batches:
+            prompts = [
+                {"prompt_token_ids": torch.randint(0, vocab, (prompt,), generator=gen).tolist()}
+                for _ in range(b)
+            ]
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+            torch.cuda.synchronize()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            t0 = min(o.metrics.first_token_time for o in outs)
+            t1 = max(o.metrics.finished_time for o in outs)
+            res[f"{label}_b{b}_tok_s"] = b * new / (t1 - t0)
+            print(
+                f"e2e {model} ours {label} B={b}: {res[f'{label}_b{b}_tok_s']:.1f} tok/s",
+                flush=True,
+            )
+    llm.engine.runner.graphs = graphs
+    return res, llm
+
+
+@torch.inference_mode()
+def hf_decode(llm, batches: list[int], new: int, prompt: int) -> dict:  # noqa: ANN001
+    """HF transformers on the engine's own weights: static cache, SDPA, eager."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mcfg = llm.engine.model_config
+    cfg = AutoConfig.for_model(**mcfg.to_hf())
+    with torch.device(DEV):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(llm.engine.model.state_dict(), strict=False)
+    hf.tie_weights()
+    hf.eval()
+    res = {"missing_keys": missing, "unexpected_keys": unexpected}
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        ids = torch.randint(0, mcfg.vocab_size, (b, prompt), generator=gen).to(DEV)
+
+        def run(n: int, hf=hf, ids=ids):  # noqa: ANN202
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                cache_implementation="static",
+                disable_compile=True,
+                pad_token_id=0,
+            )
+
+        run(4)
+        t = {}
+        for n in (1, new + 1):
+            torch.cuda.synchronize()
+            s = time.perf_counter()
+            run(n)
+            torch.cuda.synchronize()
+            t[n] = time.perf_counter() - s
+        res[f"b{b}_tok_s"] = b * new / (t[new + 1] - t[1])
+        print(f"e2e {mcfg.name} transformers B={b}: {res[f'b{b}_tok_s']:.1f} tok/s", flush=True)
+    del hf
+    return res
+
+
+def e2e(model: str, **kw) -> dict:
+    batches, new, prompt = [1, 32], 64, 128
+    res, llm = engine_decode(model, batches, new, prompt, **kw)
+    res["transformers"] = hf_decode(llm, batches, new, prompt)
+    res.update(model=model, new_tokens=new, prompt_tokens=prompt, max_model_len=8192)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", default=None, help="the embedded model's GGUF file")
+    p.add_argument("--sections", default="copy,decode,prefill,e2e")
+    args = p.parse_args()
+    sections = args.sections.split(",")
+    result = {"environment": environment(), "errors": {}}
+    result["environment"]["sms"] = torch.cuda.get_device_properties(DEV).multi_processor_count
+
+    def section(name: str, fn) -> None:  # noqa: ANN001
+        if name not in sections:
+            return
+        t = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:  # keep what the other sections measured
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            print(result["errors"][name], flush=True)
+        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        write(args.out, result)
+
+    section("copy", copy_ceiling)
+    section(
+        "decode",
+        lambda: [r for n in (16384, 65536, 131072) for b in (1, 8, 32) for r in decode_point(n, b)],
+    )
+
+    def prefill() -> list[dict]:
+        short = prefill_point(16384, PREFILL_CONFIGS)
+        cfgs = [PREFILL_CONFIGS[0]]
+        best = PREFILL_CONFIGS[list(short["configs"]).index(short["best"])]
+        cfgs += [best] if best is not PREFILL_CONFIGS[0] else []
+        return [short, prefill_point(131072, cfgs)]
+
+    section("prefill", prefill)
+
+    def e2e_all() -> dict:
+        out = {}
+        if args.gguf:
+            out["smollm2-135m"] = e2e(args.gguf, num_kv_blocks=2048)
+        out["llama-3.1-8b"] = e2e("llama-3.1-8b", synthetic_weights=True, num_kv_blocks=2048)
+        return out
+
+    section("e2e", e2e_all)
+
+
+if __name__ == "__main__":
+    main()

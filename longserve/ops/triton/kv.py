@@ -1,0 +1,92 @@
+"""One layer's paged K and V as the kernels read them, in any KV format of kv/quant.py.
+
+Formats (the layout contract of kv/quant.py):
+- PLAIN: bf16 / fp16 pools [blocks, block_size, kv_heads, head_dim].
+- FP8: float8 e4m3 / e5m2 pools of that shape; static scales x = q * scale, one float32 per KV
+  head (a per-tensor scale is the same number for every head, expanded with stride 0).
+- INT4: uint8 pools [blocks, block_size, kv_heads, head_dim // 2], low nibble first; float16
+  scale and zero pools [blocks, block_size, kv_heads, head_dim // group_size];
+  x = (q - zero) * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PLAIN, FP8, INT4 = 0, 1, 2
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+@dataclass
+class PagedKV:
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None  # fp8: [kv_heads] float32; int4: group scale pool
+    v_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None  # int4: group zero-point pool
+    v_zero: torch.Tensor | None = None
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.k.stride(-1) != 1 or self.k.stride() != self.v.stride():
+            raise ValueError("K and V pools need the same strides and a contiguous last dim")
+        if self.fmt == FP8:
+            heads = self.k.shape[2]
+            self.k_scale = _per_head(self.k_scale, heads)
+            self.v_scale = _per_head(self.v_scale, heads)
+        if self.fmt == INT4 and self.k_scale.stride() != self.k_zero.stride():
+            raise ValueError("int4 scale and zero pools need the same strides")
+
+    @property
+    def fmt(self) -> int:
+        if self.k.dtype == torch.uint8:
+            return INT4
+        return FP8 if self.k.dtype in FP8_MAX else PLAIN
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3] * (2 if self.fmt == INT4 else 1)
+
+    def kernel_args(self) -> tuple:
+        """Pointers and strides shared by every kernel: K, V, K/V scales, K/V zeros, strides."""
+        k, v = self.k, self.v
+        if self.fmt == INT4:
+            ks, vs, kz, vz = self.k_scale, self.v_scale, self.k_zero, self.v_zero
+            ps = ks.stride()[:3]
+            sh = 0
+        elif self.fmt == FP8:
+            ks, vs, kz, vz = self.k_scale, self.v_scale, self.k_scale, self.v_scale
+            ps, sh = (0, 0, 0), ks.stride(0)
+        else:
+            ks = vs = kz = vz = k
+            ps, sh = (0, 0, 0), 0
+        return (k, v, ks, vs, kz, vz, *k.stride()[:3], *ps, sh)
+
+
+def _per_head(scale: torch.Tensor | None, heads: int) -> torch.Tensor:
+    if scale is None:
+        raise ValueError("fp8 KV needs k and v scales")
+    scale = scale.to(torch.float32).reshape(-1)
+    return scale.expand(heads) if scale.numel() == 1 else scale
+
+
+def paged_kv(cache, layer: int) -> PagedKV:  # noqa: ANN001 (a KVCache; no import cycle)
+    """The kernels' view of one layer of a KVCache; its pools' dtype says the format."""
+    k, v = cache.k[layer], cache.v[layer]
+    if k.dtype == torch.uint8:
+        ks, vs = cache.k_group_scale[layer], cache.v_group_scale[layer]
+        kz, vz = cache.k_group_zero[layer], cache.v_group_zero[layer]
+        return PagedKV(k, v, ks, vs, kz, vz, cache.group_size)
+    if k.dtype in FP8_MAX:
+        return PagedKV(k, v, cache.scales[layer, 0], cache.scales[layer, 1])
+    return PagedKV(k, v)

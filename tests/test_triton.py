@@ -1,0 +1,304 @@
+"""The Triton kernels against torch references, in every KV format.
+
+On CUDA the full sweep of awkward shapes runs (marked gpu). Without CUDA, where Triton is
+installed, a few small cases run under Triton's interpreter; without Triton, all are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
+pytest.importorskip("triton")
+
+if not CUDA:
+    import triton.runtime.interpreter as _interp
+
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope) -> None:  # noqa: ANN001
+        """Triton 3.6's interpreter calls int() on 1-element arrays, which numpy 2.4 refuses."""
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+from longserve.kv import quant  # noqa: E402
+from longserve.ops.triton import PagedKV, paged_decode, paged_extend, store_kv  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+FORMATS = ["bf16", "fp16", "fp8_e4m3/per_tensor", "fp8_e4m3/per_head", "fp8_e5m2/per_head", "int4"]
+BS = 16
+
+
+def _gpu_only(params: list) -> list:
+    """Cases past the first few run on CUDA only: the interpreter is slow."""
+    return [p if i < 3 else pytest.param(*p, marks=pytest.mark.gpu) for i, p in enumerate(params)]
+
+
+def _skip_gpu_case(request) -> None:  # noqa: ANN001
+    if not CUDA and request.node.get_closest_marker("gpu"):
+        pytest.skip("needs CUDA")
+
+
+def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype, gen) -> tuple:
+    """Random paged K/V in a format, and the same values dequantized: [blocks*BS, heads, dim]."""
+    name, _, gran = fmt.partition("/")
+    shape = (blocks, BS, heads, dim)
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen)
+
+    if name in ("bf16", "fp16"):
+        dt = torch.bfloat16 if name == "bf16" else torch.float16
+        k, v = rnd(*shape).to(dt), rnd(*shape).to(dt)
+        ref = (k.float(), v.float())
+        kv = PagedKV(k.to(DEV), v.to(DEV))
+    elif name.startswith("fp8"):
+        dt = quant.kv_format(name).storage
+        n = heads if gran == "per_head" else 1
+        ks, vs = torch.rand(n, generator=gen) + 0.05, torch.rand(n, generator=gen) + 0.05
+        k, v = (rnd(*shape) * 4).to(dt), (rnd(*shape) * 4).to(dt)
+        ref = (k.float() * ks.view(-1, 1), v.float() * vs.view(-1, 1))
+        ks, vs = (ks if n > 1 else ks[0]), (vs if n > 1 else vs[0])
+        kv = PagedKV(k.to(DEV), v.to(DEV), ks.to(DEV), vs.to(DEV))
+    else:
+        g = quant.INT4_GROUP_SIZE
+        pools, ref = [], []
+        for _ in range(2):
+            packed = torch.randint(0, 256, (*shape[:3], dim // 2), dtype=torch.uint8, generator=gen)
+            scale = (torch.rand(*shape[:3], dim // g, generator=gen) * 0.2 + 0.01).half()
+            zero = (torch.rand(*shape[:3], dim // g, generator=gen) * 15).half()
+            q = torch.stack((packed & 15, packed >> 4), -1).reshape(*shape[:3], dim // g, g)
+            x = (q.float() - zero.float()[..., None]) * scale.float()[..., None]
+            pools.append((packed.to(DEV), scale.to(DEV), zero.to(DEV)))
+            ref.append(x.reshape(shape))
+        (k, ks, kz), (v, vs, vz) = pools
+        kv = PagedKV(k, v, ks, vs, kz, vz, group_size=g)
+    # the kernels compute in the model dtype: reference K/V are rounded to it as well
+    ref = tuple(r.to(dtype).float().flatten(0, 1) for r in ref)
+    return kv, ref
+
+
+def ref_attention(q, k, v, lens, qlens, tables, scale):  # noqa: ANN001, ANN201
+    """float32 SDPA per sequence over its gathered context, queries at the end of it."""
+    out, s = [], 0
+    for i, (ctx, n) in enumerate(zip(lens, qlens, strict=True)):
+        slots = (tables[i][: -(-ctx // BS)].unsqueeze(1) * BS + torch.arange(BS)).flatten()[:ctx]
+        ki, vi = k[slots].transpose(0, 1), v[slots].transpose(0, 1)
+        qi = q[s : s + n].float().cpu().transpose(0, 1)
+        mask = torch.arange(ctx) <= torch.arange(ctx - n, ctx).unsqueeze(1)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+        s += n
+    return torch.cat(out)
+
+
+def make_batch(lens: list[int], qlens: list[int], hq: int, dim: int, dtype, gen) -> tuple:
+    """Queries and shuffled, padded block tables for sequences of the given lengths."""
+    need = [-(-n // BS) for n in lens]
+    ids = torch.randperm(sum(need) + 3, generator=gen)
+    tables, at = [], 0
+    width = max(need) + 2
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    for i, n in enumerate(need):
+        tables.append(ids[at : at + n])
+        table[i, :n] = ids[at : at + n].int()
+        at += n
+    q = torch.randn(sum(qlens), hq, dim, generator=gen).to(dtype)
+    cu = torch.tensor([0] + qlens).cumsum(0).int()
+    seq = torch.tensor(lens, dtype=torch.int32)
+    return q, tables, table.to(DEV), seq.to(DEV), cu.to(DEV), sum(need) + 3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return float((out.float().cpu() - ref).norm() / ref.norm())
+
+
+DECODE = _gpu_only(
+    [
+        (8, 1, 64, [37], "int4"),
+        (4, 4, 64, [17, 70], "fp8_e4m3/per_head"),
+        (3, 1, 64, [5, 33, 64], "bf16"),
+    ]
+    + [
+        (hq, hkv, d, lens, f)
+        for f in FORMATS
+        for hq, hkv, d, lens in [
+            (8, 8, 128, [1, 4097]),
+            (24, 8, 64, [100, 16, 17, 1000]),
+            (56, 8, 128, [3000]),
+            (64, 8, 128, [random.Random(b).randint(1, 3000) for b in range(64)]),
+            (64, 8, 128, [131071]),
+            (32, 4, 64, [random.Random(b).randint(1, 9000) for b in range(33)]),
+        ]
+    ]
+)
+
+
+@pytest.mark.parametrize("hq,hkv,dim,lens,fmt", DECODE)
+def test_paged_decode(request, hq, hkv, dim, lens, fmt):
+    _skip_gpu_case(request)
+    gen = torch.Generator().manual_seed(len(lens) * 1000 + dim + hq)
+    dtype = torch.bfloat16 if CUDA and fmt != "fp16" else torch.float16  # interpreter: no bf16 dot
+    q, tables, table, seq, _, blocks = make_batch(lens, [1] * len(lens), hq, dim, dtype, gen)
+    kv, (k, v) = random_cache(fmt, blocks, hkv, dim, dtype, gen)
+    scale = dim**-0.5
+    out = paged_decode(q.to(DEV), kv, table, seq, scale, max(lens))
+    ref = ref_attention(q, k, v, lens, [1] * len(lens), tables, scale)
+    assert rel_err(out, ref) < 1e-2
+
+
+EXTEND = _gpu_only(
+    [
+        (8, 2, 64, [40, 21], [40, 5], "int4"),
+        (6, 2, 64, [50], [19], "fp8_e5m2/per_head"),
+        (7, 1, 64, [33, 1, 18], [33, 1, 2], "fp16"),
+    ]
+    + [
+        (hq, hkv, d, lens, qlens, f)
+        for f in FORMATS
+        for hq, hkv, d, lens, qlens in [
+            (8, 8, 128, [300, 77], [300, 1]),
+            (24, 8, 64, [1000, 513, 16, 2], [200, 513, 1, 2]),
+            (56, 8, 128, [2049], [2049]),
+            (64, 8, 128, [5000, 4000, 1, 37], [100, 4000, 1, 1]),
+        ]
+    ]
+)
+
+
+@pytest.mark.parametrize("hq,hkv,dim,lens,qlens,fmt", EXTEND)
+def test_paged_extend(request, hq, hkv, dim, lens, qlens, fmt):
+    _skip_gpu_case(request)
+    gen = torch.Generator().manual_seed(sum(lens) + dim + hq)
+    dtype = torch.bfloat16 if CUDA and fmt != "fp16" else torch.float16  # interpreter: no bf16 dot
+    q, tables, table, seq, cu, blocks = make_batch(lens, qlens, hq, dim, dtype, gen)
+    kv, (k, v) = random_cache(fmt, blocks, hkv, dim, dtype, gen)
+    scale = dim**-0.5
+    out = paged_extend(q.to(DEV), kv, table, seq, cu, max(qlens), scale)
+    ref = ref_attention(q, k, v, lens, qlens, tables, scale)
+    assert rel_err(out, ref) < 1e-2
+
+
+# fp8 only on CUDA: the interpreter rounds float8 subnormals differently from the hardware
+STORE = _gpu_only(
+    [("int4", 64), ("bf16", 128), ("fp16", 64)]
+    + [(f, d) for f in FORMATS + ["fp8_e5m2/per_tensor"] for d in (64, 128)]
+)
+
+
+@pytest.mark.parametrize("fmt,dim", STORE)
+def test_store_matches_reference_quantizer(request, fmt, dim):
+    """Bit for bit what kv/quant.py writes, padding slots (-1) skipped and left untouched."""
+    _skip_gpu_case(request)
+    gen = torch.Generator().manual_seed(dim)
+    heads, blocks, t, g = 4, 6, 37, quant.INT4_GROUP_SIZE
+    name, _, gran = fmt.partition("/")
+    xs = [torch.randn(t, heads, dim, generator=gen) * 3, torch.randn(t, heads, dim, generator=gen)]
+    xs[1] += 1.5  # groups of one sign
+    xs[0][0, 0] = 0.25  # a constant group
+    xs = [x.to(torch.bfloat16) for x in xs]
+    slots = torch.randperm(blocks * BS, generator=gen)[:t]
+    slots[5] = -1
+    shape = (blocks, BS, heads, dim)
+
+    def zeros(*s: int, dt: torch.dtype) -> torch.Tensor:
+        return torch.zeros(s, dtype=dt, device=DEV)
+
+    if name in ("bf16", "fp16"):
+        dt = torch.bfloat16 if name == "bf16" else torch.float16
+        kv = PagedKV(zeros(*shape, dt=dt), zeros(*shape, dt=dt))
+        refs = [(x.to(dt),) for x in xs]
+    elif name.startswith("fp8"):
+        dt = quant.kv_format(name).storage
+        n = heads if gran == "per_head" else 1
+        sc = [torch.rand(n, generator=gen) * 0.02 + 0.001 for _ in range(2)]
+        sc = [s if n > 1 else s[0] for s in sc]
+        kv = PagedKV(zeros(*shape, dt=dt), zeros(*shape, dt=dt), sc[0].to(DEV), sc[1].to(DEV))
+        refs = [(quant.quantize_fp8(x, s, dt),) for x, s in zip(xs, sc, strict=True)]
+    else:
+        packed, params = (*shape[:3], dim // 2), (*shape[:3], dim // g)
+        p = [zeros(*params, dt=torch.float16) for _ in range(4)]
+        u8 = torch.uint8
+        kv = PagedKV(zeros(*packed, dt=u8), zeros(*packed, dt=u8), *p, group_size=g)
+        refs = [quant.quantize_int4(x, g) for x in xs]
+    store_kv(xs[0].to(DEV), xs[1].to(DEV), slots.to(DEV), kv)
+    keep = slots >= 0
+    unwritten = torch.ones(blocks * BS, dtype=torch.bool)
+    unwritten[slots[keep]] = False
+    pools = [(kv.k, kv.k_scale, kv.k_zero), (kv.v, kv.v_scale, kv.v_zero)]
+    for ref, pool in zip(refs, pools, strict=True):
+        for r, got in zip(ref, pool, strict=False):
+            flat = got.cpu().flatten(0, 1)
+            assert torch.equal(flat[slots[keep]].view(torch.uint8), r[keep].view(torch.uint8))
+            assert (flat[unwritten].view(torch.uint8) == 0).all()
+
+
+def _small_model(path) -> str:  # noqa: ANN001
+    """A 2-layer random Llama (GQA 4, head_dim 64), saved as an HF folder.
+
+    Its logits stay near 1, where bf16 steps are 1/128: the near-tie tolerance below is several
+    steps (larger logits make two tokens one bf16 step apart a frequent, meaningless flip).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def _assert_same_greedy(ref, out, tol: float = 0.05) -> None:  # noqa: ANN001
+    """Equal tokens, except that they may part at a near-tie of the reference's logprobs."""
+    r, k = ref.outputs[0].token_ids, out.outputs[0].token_ids
+    i = next((i for i, (a, b) in enumerate(zip(r, k, strict=True)) if a != b), None)
+    if i is not None:
+        lp = ref.outputs[0].logprobs[i]
+        assert k[i] in lp and lp[r[i]].logprob - lp[k[i]].logprob < tol, (i, r, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["auto", "fp8_e4m3", "int4"])
+def test_engine_on_cuda_matches_reference(fmt, tmp_path, monkeypatch):
+    """Chunked prefill, prefix hits and decode through the kernels, eager and graphed."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    from longserve import LLM, SamplingParams
+    from longserve.ops import attention
+
+    path = _small_model(tmp_path / "m")
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 1024, (200,), generator=gen).tolist()
+    prompts = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in (1, 17, 300, 64)]
+    prompts += [shared + [5, 6, 7], shared + [9]]  # the second hits the first's cached prefix
+    prompts = [{"prompt_token_ids": p} for p in prompts]
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=5)
+    kw = dict(dtype="bfloat16", num_kv_blocks=512, kv_cache_dtype=fmt, max_num_batched_tokens=96)
+
+    monkeypatch.setattr(attention, "use_kernels", False)
+    refs = LLM(model=path, enforce_eager=True, **kw).generate(prompts, sp, use_tqdm=False)
+    monkeypatch.setattr(attention, "use_kernels", True)
+    for eager in (True, False):
+        llm = LLM(model=path, enforce_eager=eager, **kw)
+        assert bool(llm.engine.runner.graphs) != eager
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        for ref, out in zip(refs, outs, strict=True):
+            _assert_same_greedy(ref, out)

@@ -111,7 +111,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-scale",
         default=d.kv_scale,
         choices=["per_tensor", "per_head"],
-        help="fp8 scale granularity",
+        help="fp8 scale granularity: one per layer, or one per layer and KV head",
+    )
+    g.add_argument(
+        "--kv-int4-group-size",
+        type=int,
+        default=d.kv_int4_group_size,
+        help="int4 KV: channels per scale and zero point (divides head_dim)",
+    )
+    g.add_argument(
+        "--kv-calibration-text",
+        default=None,
+        help="fp8 KV: a text file to calibrate the scales on (default: the bundled text);"
+        " scales are cached next to the model and reused",
     )
     g.add_argument(
         "--synthetic-weights",
@@ -132,11 +144,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.tensor_parallel_size,
         help="GPUs (or CPU processes) to split the model over",
-    )
-    g.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs",
     )
     g.add_argument(
         "--seed", type=int, default=d.seed, help="engine seed (sampling, synthetic weights)"

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from longserve.kv.quant import KV_SCALES, kv_format
+
 
 def normalize_rope_scaling(rope_scaling: dict | None) -> dict | None:
     """Return a copy of a config's rope_scaling with "rope_type" set, whether it said "type" or not."""
@@ -150,12 +152,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     kv_scale: str = "per_head"
+    kv_int4_group_size: int = 64
+    kv_calibration_text: str | None = None
     synthetic_weights: bool = False
     num_layers: int | None = None
     rope_scaling: dict | None = None
     tokenizer: str | None = None
     tensor_parallel_size: int = 1
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -165,6 +168,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        kv_format(self.kv_cache_dtype)
+        if self.kv_scale not in KV_SCALES:
+            raise ValueError(f"kv_scale must be per_tensor or per_head, got {self.kv_scale!r}")
 
     @property
     def torch_device(self) -> torch.device:

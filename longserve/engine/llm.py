@@ -18,6 +18,8 @@ from longserve.engine.sampling import SamplingParams
 from longserve.engine.scheduler import Scheduler
 from longserve.kv.blocks import BlockPool
 from longserve.kv.cache import KVCache
+from longserve.kv.calibrate import CHECKPOINT_SCALE_NAMES, kv_scales
+from longserve.kv.quant import kv_bytes_per_token
 from longserve.models import loader
 from longserve.models.llama import CausalLM
 from longserve.models.registry import ModelSource, resolve
@@ -65,7 +67,8 @@ def load_model(cfg: EngineConfig, src: ModelSource) -> tuple[ModelConfig, Causal
         keep = {
             k: v
             for k, v in weights.items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < mcfg.num_layers
+            if (not k.startswith("model.layers.") or int(k.split(".")[2]) < mcfg.num_layers)
+            and not k.endswith(CHECKPOINT_SCALE_NAMES)  # KV scales: read by kv_scales()
         }
         quant_linear.adopt_checkpoint(model, keep)  # AWQ / compressed-tensors layers
         model.load_state_dict(keep, strict=True)
@@ -85,28 +88,33 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source, cfg.tokenizer)
         self.model_config, self.model, self.max_model_len = load_model(cfg, self.source)
         m, device = self.model_config, cfg.torch_device
-        kv_dtype = cfg.torch_dtype
-        probe = KVCache(
-            m.num_layers, 1, cfg.block_size, m.num_kv_heads, m.head_dim, kv_dtype, device
+        dtype, fmt, group = cfg.torch_dtype, cfg.kv_cache_dtype, cfg.kv_int4_group_size
+        scales = kv_scales(cfg, self.source, m, self.model, self.tokenizer, self.max_model_len)
+        block_bytes = cfg.block_size * kv_bytes_per_token(
+            m.num_layers, m.num_kv_heads, m.head_dim, fmt, dtype.itemsize, group
         )
-        block_bytes = probe.bytes_per_token * cfg.block_size
         num_blocks = cfg.num_kv_blocks or self._auto_blocks(block_bytes)
         self.kv = KVCache(
-            m.num_layers, num_blocks, cfg.block_size, m.num_kv_heads, m.head_dim, kv_dtype, device
+            m.num_layers,
+            num_blocks,
+            cfg.block_size,
+            m.num_kv_heads,
+            m.head_dim,
+            dtype,
+            device,
+            fmt,
+            None if scales is None else scales.scales,
+            group,
         )
         self.pool = BlockPool(
-            num_blocks, cfg.block_size, cfg.enable_prefix_caching, extra_key=str(kv_dtype).encode()
+            num_blocks, cfg.block_size, cfg.enable_prefix_caching, extra_key=self.kv.cache_key
         )
         if not cfg.enable_chunked_prefill:
             cfg = replace(
                 cfg, max_num_batched_tokens=max(cfg.max_num_batched_tokens, self.max_model_len)
             )
         self.scheduler = Scheduler(cfg, self.pool)
-        graphs = device.type == "cuda" and not cfg.enforce_eager
-        graphs = graphs and kv_dtype in (torch.bfloat16, torch.float16)  # the kernels' dtypes
-        self.runner = ModelRunner(
-            self.model, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs
-        )
+        self.runner = ModelRunner(self.model, self.kv, device)
         self.eos_ids = set(m.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -146,6 +146,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="GPUs (or CPU processes) to split the model over",
     )
     g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs",
+    )
+    g.add_argument(
         "--seed", type=int, default=d.seed, help="engine seed (sampling, synthetic weights)"
     )
 

@@ -159,6 +159,7 @@ class EngineConfig:
     rope_scaling: dict | None = None
     tokenizer: str | None = None
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -114,7 +114,11 @@ class LLMEngine:
                 cfg, max_num_batched_tokens=max(cfg.max_num_batched_tokens, self.max_model_len)
             )
         self.scheduler = Scheduler(cfg, self.pool)
-        self.runner = ModelRunner(self.model, self.kv, device)
+        graphs = device.type == "cuda" and not cfg.enforce_eager
+        graphs = graphs and dtype in (torch.bfloat16, torch.float16)  # the kernels' dtypes
+        self.runner = ModelRunner(
+            self.model, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs
+        )
         self.eos_ids = set(m.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -20,6 +20,7 @@ Embeddings and lm_head keep the model dtype in every format, as fp8 and int4 che
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,25 @@ def adopt_checkpoint(model: nn.Module, state: dict[str, Tensor]) -> None:
         w = lin.weight
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, w.dtype, w.device)
         _replace(parent, name, lin, new)
+
+
+def materialize_quantized(
+    model: nn.Module, fmt: str, device: torch.device, fill: Callable[[nn.Module, int], None]
+) -> None:
+    """Materialize a meta-device model one decoder layer at a time, quantizing each layer as soon
+    as `fill(layer, index)` has drawn it, so a 70B model never sits on the device in bf16
+    (141 GB) on its way to fp8 or int4. Embeddings, norms and lm_head stay in the model dtype."""
+    cls = QUANTIZED[fmt]
+    for i, layer in enumerate(model.model.layers):
+        layer.to_empty(device=device)
+        fill(layer, i)
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    _replace(parent, name, child, cls.from_linear(child))
+    for i, m in enumerate((model.model.embed_tokens, model.model.norm, model.lm_head)):
+        m.to_empty(device=device)
+        fill(m, len(model.model.layers) + i)
 
 
 def quantize_model(model: nn.Module, fmt: str) -> None:

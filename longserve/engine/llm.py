@@ -12,6 +12,16 @@ import torch
 from tqdm.auto import tqdm
 
 from longserve.config import EngineConfig, ModelConfig, normalize_rope_scaling
+from longserve.dist import group as tp_group
+from longserve.dist.shard import (
+    FullWeights,
+    ShardPlan,
+    load_shards,
+    local_config,
+    open_safetensors,
+    shard_model,
+)
+from longserve.dist.worker import TPDriver, run_worker
 from longserve.engine.request import Request, RequestOutput
 from longserve.engine.runner import ModelRunner
 from longserve.engine.sampling import SamplingParams
@@ -32,11 +42,18 @@ log = logging.getLogger("longserve")
 Prompt = str | dict
 
 
-def load_model(cfg: EngineConfig, src: ModelSource) -> tuple[ModelConfig, CausalLM, int]:
-    """Config, decoder with weights on the device, and the max_model_len in force."""
+def load_model(
+    cfg: EngineConfig, src: ModelSource, tp: tp_group.TPGroup | None = None
+) -> tuple[ModelConfig, CausalLM, int]:
+    """Config, decoder with weights on the device, and the max_model_len in force.
+
+    Under tensor parallelism the decoder is this rank's shard: sharded while still on the meta
+    device, so the rank only ever allocates and reads its own slice of the weights.
+    """
     weights = None
     if src.kind == "gguf":
-        mcfg, weights = loader.load_gguf(src.path, src.name)
+        with tp_group.rank0_first(tp):  # the dequantized weights are cached once
+            mcfg, weights = loader.load_gguf(src.path, src.name)
     elif src.kind == "hf":
         mcfg = loader.hf_config(src.path)
     else:
@@ -57,9 +74,12 @@ def load_model(cfg: EngineConfig, src: ModelSource) -> tuple[ModelConfig, Causal
     rotary = Rotary(mcfg, max_len, device)
     with torch.device("meta"):
         model = CausalLM(mcfg, rotary)
+    plan = None if tp is None else ShardPlan(mcfg, tp.rank, tp.size)
+    if plan is not None:
+        shard_model(model, plan)
     model = model.to(dtype).to_empty(device=device)
     if src.kind == "hf" and not cfg.synthetic_weights:
-        weights = loader.load_safetensors(src.path)
+        weights = loader.load_safetensors(src.path) if plan is None else open_safetensors(src.path)
     if weights is not None:
         if mcfg.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
@@ -70,10 +90,13 @@ def load_model(cfg: EngineConfig, src: ModelSource) -> tuple[ModelConfig, Causal
             if (not k.startswith("model.layers.") or int(k.split(".")[2]) < mcfg.num_layers)
             and not k.endswith(CHECKPOINT_SCALE_NAMES)  # KV scales: read by kv_scales()
         }
-        quant_linear.adopt_checkpoint(model, keep)  # AWQ / compressed-tensors layers
-        model.load_state_dict(keep, strict=True)
+        if plan is None:
+            quant_linear.adopt_checkpoint(model, keep)  # AWQ / compressed-tensors layers
+            model.load_state_dict(keep, strict=True)
+        else:
+            load_shards(model, keep, plan)
     else:
-        loader.fill_synthetic(model, cfg.seed)
+        loader.fill_synthetic(model if plan is None else FullWeights(model, plan), cfg.seed)
     model.tie_weights()
     quant_linear.quantize_model(model, cfg.weights)  # after sharding: --weights fp8 / int4
     return mcfg, model.eval(), max_len
@@ -85,15 +108,19 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
         self.source = resolve(cfg.model)
-        self.tokenizer = load_tokenizer(self.source, cfg.tokenizer)
-        self.model_config, self.model, self.max_model_len = load_model(cfg, self.source)
-        m, device = self.model_config, cfg.torch_device
+        self.tp = tp_group.join(cfg)  # None on one rank; ranks > 0 never leave __init__
+        with tp_group.rank0_first(self.tp):  # a GGUF's tokenizer is converted and cached once
+            self.tokenizer = load_tokenizer(self.source, cfg.tokenizer)
+        self.model_config, self.model, self.max_model_len = load_model(cfg, self.source, self.tp)
+        m, device = local_config(self.model_config, self.tp), cfg.torch_device  # this rank's heads
         dtype, fmt, group = cfg.torch_dtype, cfg.kv_cache_dtype, cfg.kv_int4_group_size
         scales = kv_scales(cfg, self.source, m, self.model, self.tokenizer, self.max_model_len)
         block_bytes = cfg.block_size * kv_bytes_per_token(
             m.num_layers, m.num_kv_heads, m.head_dim, fmt, dtype.itemsize, group
         )
         num_blocks = cfg.num_kv_blocks or self._auto_blocks(block_bytes)
+        if self.tp is not None:
+            num_blocks = self.tp.agree_kv(num_blocks, self.model_config, block_bytes)
         self.kv = KVCache(
             m.num_layers,
             num_blocks,
@@ -114,10 +141,11 @@ class LLMEngine:
                 cfg, max_num_batched_tokens=max(cfg.max_num_batched_tokens, self.max_model_len)
             )
         self.scheduler = Scheduler(cfg, self.pool)
-        graphs = device.type == "cuda" and not cfg.enforce_eager
+        driver = self.model if self.tp is None else TPDriver(self.model, self.tp)
+        graphs = device.type == "cuda" and self.tp is None and not cfg.enforce_eager
         graphs = graphs and dtype in (torch.bfloat16, torch.float16)  # the kernels' dtypes
         self.runner = ModelRunner(
-            self.model, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs
+            driver, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs
         )
         self.eos_ids = set(m.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -134,6 +162,13 @@ class LLMEngine:
             num_blocks * block_bytes / 2**30,
             self.max_model_len,
         )
+        if self.tp is not None and self.tp.rank > 0:
+            run_worker(self.model, self.kv, self.tp)  # serves rank 0's steps, then exits
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit); the engine is done after."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _auto_blocks(self, block_bytes: int) -> int:
         if self.cfg.torch_device.type == "cuda":

@@ -81,7 +81,13 @@ PRESETS = {
     ),
     "h200": Preset(
         name="h200",
-        accuracy={"dtype": "bfloat16", "device": "cuda"},
+        # fixed, modest KV pools: each parity recipe builds its own engine in this process
+        accuracy={
+            "dtype": "bfloat16",
+            "device": "cuda",
+            "num_kv_blocks": 8192,
+            "enforce_eager": True,
+        },
         recipes=KV_RECIPES,
         tasks="niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,vt",
         lengths=[2048, 4096, 8192],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from longserve.bench import offline, runs, workloads
 from longserve.bench.records import RequestRecord, RequestSpec, summarize
-from longserve.bench.report import PRESETS, recommend
+from longserve.bench.report import PRESETS, main, predicted_vs_measured, recommend
 
 from .conftest import assert_no_leaks
 
@@ -101,3 +104,59 @@ def test_recommendation_picks_smallest_format_within_target():
     assert {r["recipe"] for r in rec["kv_rejected"]} == {"fp8_e4m3:per_tensor", "int4"}
     # 256 has the best short p99 but makes long prompts 4x slower than the best: 1024 wins
     assert rec["budget"] == 1024
+
+
+def test_predicted_vs_measured_rows():
+    speed = {
+        "prefix": {"cache_off": {"first_ttft_s": 63.6}, "cache_on": {"second_ttft_s": 1.18}},
+        "chat": {"tpot_ms": {"p50": 40.0}},
+    }
+    rows = predicted_vs_measured(PRESETS["h200"], speed)
+    assert [r["name"] for r in rows][0].startswith("TTFT, uncached")
+    assert all(r["predicted"] > 0 for r in rows)
+    cold = rows[0]
+    assert cold["error_pct"] == pytest.approx(
+        100 * (63.6 - cold["predicted"]) / cold["predicted"], abs=0.1
+    )
+    assert rows[1]["predicted"] < cold["predicted"] / 10  # a cached 100K prefix
+
+
+def test_report_end_to_end_tiny(tmp_path):
+    """Every part of `longserve report` on the CPU at toy sizes: files, tables, recommendation."""
+    p = replace(
+        PRESETS["quick"],
+        name="tiny",
+        accuracy={"dtype": "float32", "num_kv_blocks": 256},
+        recipes=["fp8_e4m3:per_head"],
+        tasks="niah_single_1",
+        lengths=[512],
+        samples=1,
+        niah_lengths=[512],
+        niah_depths=[50.0],
+        speed={"dtype": "float32", "num_kv_blocks": 256},
+        prefix={"doc_tokens": 160, "turn_tokens": 16},
+        chat={
+            "num_requests": 3,
+            "rate": 0.0,
+            "mean_context": 48,
+            "output_tokens": 2,
+            "max_concurrency": 2,
+        },
+        mixed={
+            "num_requests": 10,
+            "rate": 100.0,
+            "short_tokens": 24,
+            "long_tokens": 300,
+            "output_tokens": 2,
+            "budgets": [None, 64],
+        },
+    )
+    md = main(p, str(tmp_path), progress=False)
+    text = md.read_text()
+    for part in ("## Recommendation", "## Plan", "## Accuracy", "### Mixed traffic", "How this"):
+        assert part in text
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["recommendation"]["budget"] in ("off", 64)
+    assert res["speed"]["prefix"]["cache_on"]["second_cached_tokens"] >= 160 - 16
+    for png in ("niah.png", "parity.png", "ttft.png", "p99_budget.png"):
+        assert (tmp_path / png).stat().st_size > 1000

@@ -263,14 +263,15 @@ def predicted_vs_measured(p: Preset, speed: dict) -> list[dict]:
     w, kv = p.speed.get("weights", "bf16"), p.speed.get("kv_cache_dtype", "bf16").split("_")[0]
     doc, turn = p.prefix["doc_tokens"], p.prefix["turn_tokens"]
     pre = speed["prefix"]
-    cold = plan(cfg, gpu, 1, w, kv, doc + turn)
-    warm = plan(cfg, gpu, 1, w, kv, doc + turn, prefix_cached=doc)
+    cold = plan(cfg, gpu, 1, w, kv, doc + turn).to_dict()
+    warm = plan(cfg, gpu, 1, w, kv, doc + turn, prefix_cached=doc).to_dict()
     chat = speed["chat"]
     busy = plan(cfg, gpu, 1, w, kv, p.chat["mean_context"], batch=p.chat["max_concurrency"])
+    busy = busy.to_dict()
     rows = [
-        ("TTFT, uncached (s)", cold.ttft_s, pre["cache_off"]["first_ttft_s"]),
-        ("TTFT, prefix cached (s)", warm.ttft_s, pre["cache_on"]["second_ttft_s"]),
-        ("TPOT under chat load (ms)", busy.tpot_ms, chat["tpot_ms"].get("p50")),
+        ("TTFT, uncached (s)", cold["ttft_s"], pre["cache_off"]["first_ttft_s"]),
+        ("TTFT, prefix cached (s)", warm["ttft_s"], pre["cache_on"]["second_ttft_s"]),
+        ("TPOT under chat load (ms)", busy["tpot_ms"], chat["tpot_ms"].get("p50")),
     ]
     return [
         {
@@ -452,14 +453,15 @@ def write_markdown(p: Preset, res: dict, out: Path) -> str:
     return "\n".join(s)
 
 
-def main(preset: str, out_dir: str | None, progress: bool = True, **overrides) -> Path:
+def main(p: Preset, out_dir: str | None, progress: bool = True) -> Path:
+    """Run every part of the report; results.json is rewritten after each part, so a failure
+    late in a long run keeps what was measured."""
     import subprocess
 
-    from benchmarks.common import environment
     from longserve.bench import plots
+    from longserve.bench.env import environment
 
-    p = PRESETS[preset]
-    out = Path(out_dir or f"reports/{preset}")
+    out = Path(out_dir or f"reports/{p.name}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     git = subprocess.run(
@@ -471,11 +473,18 @@ def main(preset: str, out_dir: str | None, progress: bool = True, **overrides) -
         "git": git,
         "command": shlex.join(["longserve", *sys.argv[1:]]),
     }
+
+    def save() -> None:
+        res["wall_s"] = time.time() - t0
+        (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+
     res["plan"] = run_plan(p)
-    acc_cfg = EngineConfig(model="smollm2-135m", **{**p.accuracy, **overrides})
+    acc_cfg = EngineConfig(model="smollm2-135m", **p.accuracy)
     res["accuracy_model"] = f"{acc_cfg.model} ({acc_cfg.dtype})"
     res["accuracy"] = run_accuracy(p, acc_cfg, out, progress)
-    res["speed"] = run_speed(p, EngineConfig(**{**p.speed, **overrides}))
+    save()
+    res["speed"] = run_speed(p, EngineConfig(**p.speed))
+    save()
     res["recommendation"] = recommend(p, res["accuracy"], res["speed"])
     if p.speed.get("device") == "cuda":
         res["predicted_vs_measured"] = predicted_vs_measured(p, res["speed"])
@@ -489,8 +498,7 @@ def main(preset: str, out_dir: str | None, progress: bool = True, **overrides) -
     plots.parity_deltas(rows, par["noise_floor"], out / "parity.png")
     plots.ttft_bars(res["speed"]["prefix"], out / "ttft.png")
     plots.p99_vs_budget(res["speed"]["mixed"], out / "p99_budget.png")
-    res["wall_s"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    save()
     (out / "report.md").write_text(write_markdown(p, res, out) + "\n")
     print(f"wrote {out / 'report.md'} ({res['wall_s']:.0f} s)")
     return out / "report.md"
@@ -515,7 +523,7 @@ def register(sub) -> None:  # noqa: ANN001
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        main(args.preset, args.out, not args.no_progress)
+        main(PRESETS[args.preset], args.out, not args.no_progress)
         return 0
 
     ap.set_defaults(func=run)

@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
             model,
             seed,
         )
+    from longserve.bench.env import environment
+
+    result = {"env": environment(), **result}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

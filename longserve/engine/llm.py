@@ -77,7 +77,14 @@ def load_model(
     plan = None if tp is None else ShardPlan(mcfg, tp.rank, tp.size)
     if plan is not None:
         shard_model(model, plan)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    layerwise = cfg.synthetic_weights and plan is None and cfg.weights in quant_linear.QUANTIZED
+    if layerwise:
+        quant_linear.materialize_quantized(
+            model, cfg.weights, device, lambda m, i: loader.fill_synthetic(m, cfg.seed + i)
+        )
+    else:
+        model = model.to_empty(device=device)
     if src.kind == "hf" and not cfg.synthetic_weights:
         weights = loader.load_safetensors(src.path) if plan is None else open_safetensors(src.path)
     if weights is not None:
@@ -95,7 +102,7 @@ def load_model(
             model.load_state_dict(keep, strict=True)
         else:
             load_shards(model, keep, plan)
-    else:
+    elif not layerwise:
         loader.fill_synthetic(model if plan is None else FullWeights(model, plan), cfg.seed)
     model.tie_weights()
     quant_linear.quantize_model(model, cfg.weights)  # after sharding: --weights fp8 / int4

@@ -233,8 +233,8 @@ def kv_study(args: argparse.Namespace, text_ids: list[int], yarn: dict) -> dict:
     for label, rope in (("default", None), ("yarn", yarn)):
         llm = engine(args, max(n, 8192), rope_scaling=rope)
         eng, m = llm.engine, llm.engine.model_config
-        kv = KVCache(m.num_layers, -(-n // 16), 16, m.num_kv_heads, m.head_dim, torch.float32,
-                     eng.kv.k[0].device)  # fmt: skip
+        dev, dt = eng.kv.k[0].device, eng.cfg.torch_dtype
+        kv = KVCache(m.num_layers, -(-n // 16), 16, m.num_kv_heads, m.head_dim, dt, dev)
         forward_sequence(eng.model, kv, text_ids, args.chunk)
         keys = torch.stack([t.flatten(0, 1)[:n] for t in kv.k]).float()  # [L, n, H, D]
         vals = torch.stack([t.flatten(0, 1)[:n] for t in kv.v]).float()

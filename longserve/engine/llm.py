@@ -25,7 +25,7 @@ from longserve.dist.worker import TPDriver, run_worker
 from longserve.engine.request import Request, RequestOutput
 from longserve.engine.runner import ModelRunner
 from longserve.engine.sampling import SamplingParams
-from longserve.engine.scheduler import Scheduler
+from longserve.engine.scheduler import Scheduler, SchedulerStats
 from longserve.kv.blocks import BlockPool
 from longserve.kv.cache import KVCache
 from longserve.kv.calibrate import CHECKPOINT_SCALE_NAMES, kv_scales
@@ -254,6 +254,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def stats(self) -> SchedulerStats:
+        """Prefix-cache, KV-block and queue counters, as the server and reports read them."""
+        return self.scheduler.stats()
 
     def step(self) -> list[Request]:
         """Run one scheduled step; return the requests that got a token (finished ones too)."""

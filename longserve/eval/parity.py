@@ -143,7 +143,7 @@ def markdown(report: dict) -> str:
     rows.append(
         "| reference (seed A) | "
         + " | ".join(f"{ref['average'][n]:.1f}" for n in lengths)
-        + f" | {rate:.2f} |"
+        + f" | {rate:.3f} |"
     )
     rows.append(
         "| reference (seed B) | "
@@ -161,5 +161,5 @@ def markdown(report: dict) -> str:
             for n in lengths
         ]
         rate = sum(r["samples_per_s"].values()) / len(lengths)
-        rows.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {rate:.2f} |")
+        rows.append(f"| {r['recipe']} | " + " | ".join(cells) + f" | {rate:.3f} |")
     return "\n".join(rows)

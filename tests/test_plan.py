@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from longserve.cli import main
 from longserve.models.registry import bundled_configs
 from longserve.plan.cost import compare, load_config, plan, weight_bytes
-from longserve.plan.hardware import GPUS, Efficiency, default_efficiency, get_gpu
+from longserve.plan.hardware import (
+    GPUS,
+    Efficiency,
+    default_efficiency,
+    engine_efficiency,
+    get_gpu,
+)
 
 T = 131072
 IDEAL = Efficiency()  # the lecture prices at datasheet peaks
@@ -133,12 +141,58 @@ def test_tensor_parallel_splits_kv_heads(llama70b):
 
 def test_default_efficiencies_come_from_the_measured_h200(llama70b):
     datasheet, measured = GPUS["h200-sxm"], GPUS["h200-measured"]
-    assert default_efficiency(measured) == Efficiency()
-    assert default_efficiency(datasheet).kv_read == pytest.approx(3.63 / 4.8)
-    a = plan(llama70b, datasheet, 1, "fp8", "fp8", T)
-    b = plan(llama70b, measured, 1, "fp8", "fp8", T)
-    assert a.tpot_ms == pytest.approx(b.tpot_ms)
-    assert a.prefill.ttft_s == pytest.approx(b.prefill.ttft_s)
+    assert default_efficiency(measured, engine=False) == Efficiency()
+    assert default_efficiency(datasheet, engine=False).kv_read == pytest.approx(3.63 / 4.8)
+    # the engine's calibration rides on either entry: same rates, same host overhead
+    assert default_efficiency(measured) == engine_efficiency()
+    assert default_efficiency(datasheet).attention == pytest.approx(
+        558 / 989.5 * engine_efficiency().attention
+    )
+    for engine in (False, True):
+        a = plan(
+            llama70b,
+            datasheet,
+            1,
+            "fp8",
+            "fp8",
+            T,
+            efficiency=default_efficiency(datasheet, engine),
+        )
+        b = plan(
+            llama70b, measured, 1, "fp8", "fp8", T, efficiency=default_efficiency(measured, engine)
+        )
+        assert a.tpot_ms == pytest.approx(b.tpot_ms)
+        assert a.prefill.ttft_s == pytest.approx(b.prefill.ttft_s)
+
+
+def test_engine_calibration_adds_host_time_and_prices_each_kv_format(llama70b):
+    eng = engine_efficiency()
+    assert 0 < eng.attention < 1 and eng.step_overhead_ms > 0
+    ceil = plan(
+        llama70b, "h200-measured", 1, "fp8", "fp8_e4m3", T, batch=4, efficiency=Efficiency()
+    )
+    cal = plan(llama70b, "h200-measured", 1, "fp8", "fp8_e4m3", T, batch=4)
+    assert cal.step_overhead_ms == pytest.approx(
+        eng.step_overhead_ms + 4 * eng.step_overhead_ms_per_seq
+    )
+    assert cal.kv_read_ms_per_step == pytest.approx(ceil.kv_read_ms_per_step / eng.kv_read_fp8)
+    assert cal.tpot_ms == pytest.approx(
+        max(cal.kv_read_ms_per_step + cal.weight_read_ms_per_step, cal.decode_compute_ms_per_step)
+        + cal.step_overhead_ms
+    )
+    assert cal.prefill.attention_s == pytest.approx(ceil.prefill.attention_s / eng.attention)
+
+
+def test_engine_calibration_is_what_the_committed_measurements_give(tmp_path):
+    """The shipped calibration equals a refit from the committed H200 results (no hand edits)."""
+    from benchmarks.calibrate_planner import main as refit
+
+    out = tmp_path / "engine.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["calibrate_planner", "--out", str(out)])
+        mp.chdir(Path(__file__).parent.parent)
+        refit()
+    assert json.loads(out.read_text())["efficiency"] == asdict(engine_efficiency())
 
 
 def test_gpu_from_a_json_file(tmp_path):
@@ -179,8 +233,18 @@ def test_cli_json_and_table(capsys):
         assert key in d, key
     assert d["kv_bytes_per_token"] == 327_680
     assert d["kv_read_ms_per_step"] == pytest.approx(8.95, abs=0.01)
-    assert d["efficiency"]["matmul_bf16"] == pytest.approx(775 / 989.5)
+    # the other rates: the engine's share of the H200's ceilings (derated from the datasheet)
+    eng = engine_efficiency()
+    assert d["efficiency"]["matmul_bf16"] == pytest.approx(775 / 989.5 * eng.matmul_bf16)
+    assert d["step_overhead_ms"] == pytest.approx(
+        eng.step_overhead_ms + eng.step_overhead_ms_per_seq
+    )
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "42.95 GB (40.00 GiB)" in text and "TPOT" in text and "8.95 ms" in text
+    assert "host overhead" in text
+    assert main(args + ["--ceilings", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["efficiency"]["matmul_bf16"] == pytest.approx(775 / 989.5)
+    assert d["step_overhead_ms"] == 0
     assert main(["plan", "--model", "llama-3.3-70b", "--gpu", "a100"]) == 2

@@ -9,14 +9,29 @@ from dataclasses import asdict, replace
 from longserve.kv.quant import KV_FORMATS
 from longserve.models.weights import WEIGHT_FORMATS
 from longserve.plan.cost import DEFAULT_GPU_MEMORY_UTILIZATION, Plan, load_config, plan
-from longserve.plan.hardware import GPUS, MEASURED_EFFICIENCY, default_efficiency, get_gpu
+from longserve.plan.hardware import (
+    GPUS,
+    MEASURED_EFFICIENCY,
+    Efficiency,
+    default_efficiency,
+    engine_efficiency,
+    get_gpu,
+)
 
+# Efficiency field -> (flag, what it is)
 _EFF_FLAGS = {
-    "weight_read": "HBM bandwidth share reached streaming weights",
-    "kv_read": "HBM bandwidth share reached streaming KV in decode attention",
-    "matmul_bf16": "bf16 tensor rate share reached by matmuls (bf16 and int4 weights)",
-    "matmul_fp8": "fp8 tensor rate share reached by matmuls (fp8 weights)",
-    "attention": "bf16 tensor rate share reached by causal prefill attention",
+    "weight_read": ("--weight-read-eff", "share of the weight-read bandwidth reached"),
+    "kv_read": ("--kv-read-eff", "share of the KV-read bandwidth reached on bf16/fp16 KV"),
+    "kv_read_fp8": ("--kv-read-fp8-eff", "share of the KV-read bandwidth reached on fp8 KV"),
+    "kv_read_int4": ("--kv-read-int4-eff", "share of the KV-read bandwidth reached on int4 KV"),
+    "matmul_bf16": ("--matmul-bf16-eff", "share of the bf16 tensor rate (bf16, int4 weights)"),
+    "matmul_fp8": ("--matmul-fp8-eff", "share of the fp8 tensor rate (fp8 weights)"),
+    "attention": ("--attention-eff", "share of the causal prefill attention rate"),
+    "step_overhead_ms": ("--step-overhead-ms", "host time added to every decode step, ms"),
+    "step_overhead_ms_per_seq": (
+        "--step-overhead-ms-per-seq",
+        "host time added to a decode step per sequence in it, ms",
+    ),
 }
 
 
@@ -26,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="predict KV memory, TPOT, TTFT and concurrency for a model at a context on a GPU",
         description="Price a model at a context on a GPU: KV bytes, decode bandwidth, prefill "
         "FLOPs, predicted TPOT and TTFT, and how many requests fit. GB = 10^9 bytes, "
-        "GiB = 2^30 bytes, TB/s = 10^12 bytes/s. TP communication and step overhead are not "
-        "modelled.",
+        "GiB = 2^30 bytes, TB/s = 10^12 bytes/s. By default it prices this engine: its "
+        "kernels' measured share of the GPU's ceilings and its per-step host overhead, "
+        "calibrated on the H200 (docs/planning.md); --ceilings prices the hardware alone. "
+        "TP communication is not modelled.",
     )
     p.add_argument(
         "--model",
@@ -74,13 +91,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="share of HBM for weights and KV, as the engine takes it; the rest is the "
         "activation and runtime reserve",
     )
-    for name, what in _EFF_FLAGS.items():
+    p.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="price at the GPU's ceilings (measured ones as they are, datasheet ones derated as "
+        "the H200 measured) without this engine's calibration: no kernel shortfall, no host "
+        "overhead",
+    )
+    eng = engine_efficiency()
+    for name, (flag, what) in _EFF_FLAGS.items():
         p.add_argument(
-            f"--{name.replace('_', '-')}-eff",
+            flag,
             type=float,
             default=None,
-            help=f"{what} (default: {getattr(MEASURED_EFFICIENCY, name):.3f} for datasheet GPUs, "
-            "the H200's measured ceiling over its datasheet; 1 for measured GPUs)",
+            help=f"{what}; overrides the default (this engine on a measured GPU: "
+            f"{getattr(eng, name):.3g}; --ceilings: {getattr(Efficiency(), name):g} on a measured "
+            f"GPU, {getattr(MEASURED_EFFICIENCY, name):.3g} on a datasheet one)",
         )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -88,8 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
-    given = {k: getattr(args, f"{k}_eff") for k in _EFF_FLAGS}
-    eff = replace(default_efficiency(gpu), **{k: v for k, v in given.items() if v is not None})
+    given = {k: getattr(args, flag[2:].replace("-", "_")) for k, (flag, _) in _EFF_FLAGS.items()}
+    eff = default_efficiency(gpu, engine=not args.ceilings)
+    eff = replace(eff, **{k: v for k, v in given.items() if v is not None})
     p = plan(
         load_config(args.model),
         gpu,
@@ -119,7 +146,7 @@ def table(p: Plan) -> str:
         f"context {p.context:,}, batch {p.batch}, prefix cached {p.prefix_cached:,}",
         "units: GB = 10^9 bytes, GiB = 2^30 bytes, TB/s = 10^12 bytes/s, "
         "TFLOP = 10^12 FLOP, PFLOP = 10^15 FLOP",
-        "efficiencies: " + ", ".join(f"{k} {v:.3f}" for k, v in asdict(e).items()),
+        "efficiencies: " + ", ".join(f"{k} {v:.3g}" for k, v in asdict(e).items()),
     ]
     if p.context > p.window:
         rows.append(f"note: context {p.context:,} is past the model's window {p.window:,}")
@@ -155,7 +182,8 @@ def table(p: Plan) -> str:
             f"{p.decode_flops_per_step_per_gpu / 1e12:,.3f} TFLOP = "
             f"{p.decode_compute_ms_per_step:.2f} ms",
         ),
-        ("TPOT", f"{p.tpot_ms:.2f} ms (the larger of reads and compute)"),
+        ("host overhead", f"{p.step_overhead_ms:.2f} ms"),
+        ("TPOT", f"{p.tpot_ms:.2f} ms (the larger of reads and compute, plus the host's)"),
     ]
     prefill = [
         (

@@ -3,9 +3,10 @@
 Bytes come from the format tables the engine itself uses (kv/quant.py, models/weights.py), so the
 plan and the engine cannot disagree on what a token or a weight costs. Times are rooflines: a step
 takes the longer of its bytes over bandwidth and its FLOPs over the tensor rate, each rate a GPU
-entry's figure times an efficiency. Left out, so that measurements can be read against it:
-tensor-parallel communication, launch and scheduling overhead, and prefill chunking (a prefill is
-one pass, alone on its GPUs).
+entry's figure times an efficiency. By default the efficiencies are this engine's, calibrated on
+the H200 (hardware.default_efficiency), and a decode step adds the engine's host overhead. Left
+out: tensor-parallel communication and prefill chunking (a prefill is one pass, alone on its
+GPUs).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Plan:
     weight_read_ms_per_step: float
     decode_flops_per_step_per_gpu: float
     decode_compute_ms_per_step: float
+    step_overhead_ms: float  # the engine's host share of a step, added to the GPU's time
     tpot_ms: float
     prefill: Prefill  # with `prefix_cached` tokens cached
     prefill_uncached: Prefill  # the whole prompt computed
@@ -181,7 +183,7 @@ def plan(
 
     # decode: every request reads its whole context; the weights are read once per step
     wr_bw = gpu.weight_read_tbps * 1e12 * eff.weight_read
-    kv_bw = gpu.kv_read_tbps * 1e12 * eff.kv_read
+    kv_bw = gpu.kv_read_tbps * 1e12 * eff.kv_read_for(kv)
     mm_rate = 1e12 * (
         gpu.fp8_tflops * eff.matmul_fp8 if weights == "fp8" else gpu.bf16_tflops * eff.matmul_bf16
     )
@@ -196,6 +198,7 @@ def plan(
     kv_ms = kv_step / kv_bw * 1e3
     w_ms = w_step / wr_bw * 1e3
     compute_ms = (mm_step / mm_rate + attn_step / attn_rate) * 1e3
+    overhead_ms = eff.step_overhead_ms + batch * eff.step_overhead_ms_per_seq
 
     def prefill(cached: int) -> Prefill:
         new = context - cached
@@ -234,7 +237,8 @@ def plan(
         weight_read_ms_per_step=w_ms,
         decode_flops_per_step_per_gpu=mm_step + attn_step,
         decode_compute_ms_per_step=compute_ms,
-        tpot_ms=max(kv_ms + w_ms, compute_ms),
+        step_overhead_ms=overhead_ms,
+        tpot_ms=max(kv_ms + w_ms, compute_ms) + overhead_ms,
         prefill=prefill(prefix_cached),
         prefill_uncached=prefill(0),
     )

@@ -10,7 +10,7 @@ the planner a JSON file with the same fields.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 
@@ -29,13 +29,29 @@ class GPU:
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fraction of a GPU entry's rate that a path reaches."""
+    """Fraction of a GPU entry's rate that a path reaches, and the fixed cost of a decode step.
+
+    kv_read prices bf16/fp16 KV; kv_read_fp8 and kv_read_int4 the quantized formats, whose
+    dequantizing kernels need not reach the bandwidth the plain one does. step_overhead_ms
+    (plus step_overhead_ms_per_seq for each sequence in the batch) is the host's share of a
+    decode step: scheduling, input tensors, sampling and launches that the GPU waits on.
+    """
 
     weight_read: float = 1.0
     kv_read: float = 1.0
+    kv_read_fp8: float = 1.0
+    kv_read_int4: float = 1.0
     matmul_bf16: float = 1.0
     matmul_fp8: float = 1.0
     attention: float = 1.0
+    step_overhead_ms: float = 0.0
+    step_overhead_ms_per_seq: float = 0.0
+
+    def kv_read_for(self, kv: str) -> float:
+        """The KV read efficiency of a KV format name (fp8_e4m3, int4, bf16, ...)."""
+        if kv.startswith("fp8"):
+            return self.kv_read_fp8
+        return self.kv_read_int4 if kv == "int4" else self.kv_read
 
 
 def datasheet(
@@ -81,18 +97,41 @@ GPUS = {
 
 # Efficiencies a datasheet entry gets by default: what the H200 reached over what it promises.
 _SEEN, _PEAK = GPUS["h200-measured"], GPUS["h200-sxm"]
+_KV_SEEN = _SEEN.kv_read_tbps / _PEAK.kv_read_tbps
 MEASURED_EFFICIENCY = Efficiency(
     weight_read=_SEEN.weight_read_tbps / _PEAK.weight_read_tbps,
-    kv_read=_SEEN.kv_read_tbps / _PEAK.kv_read_tbps,
+    kv_read=_KV_SEEN,
+    kv_read_fp8=_KV_SEEN,
+    kv_read_int4=_KV_SEEN,
     matmul_bf16=_SEEN.bf16_tflops / _PEAK.bf16_tflops,
     matmul_fp8=_SEEN.fp8_tflops / _PEAK.fp8_tflops,
     attention=_SEEN.attention_tflops / _PEAK.attention_tflops,
 )
 
+# This engine against the measured ceilings, fitted by benchmarks/calibrate_planner.py from its
+# own H200 runs: its kernels' rates and its per-step host cost (docs/planning.md).
+ENGINE_CALIBRATION = Path(__file__).parent.parent / "data" / "engine_h200.json"
+_RATES = [f.name for f in fields(Efficiency) if not f.name.startswith("step_overhead")]
 
-def default_efficiency(gpu: GPU) -> Efficiency:
-    """Measured entries already are ceilings; datasheet ones are derated as the H200 measured."""
-    return Efficiency() if gpu.measured else MEASURED_EFFICIENCY
+
+def engine_efficiency() -> Efficiency:
+    """The engine's calibration (efficiencies over the measured ceilings, step overheads)."""
+    return Efficiency(**json.loads(ENGINE_CALIBRATION.read_text())["efficiency"])
+
+
+def default_efficiency(gpu: GPU, engine: bool = True) -> Efficiency:
+    """What a plan prices at unless told otherwise.
+
+    Ceilings: a measured entry runs at them (1); a datasheet one is derated as the H200 measured.
+    engine=True then applies this engine's calibration on top: its kernels' share of those
+    ceilings and its per-step host overhead. engine=False prices the hardware alone.
+    """
+    ceil = Efficiency() if gpu.measured else MEASURED_EFFICIENCY
+    if not engine:
+        return ceil
+    eng = engine_efficiency()
+    rates = {k: getattr(ceil, k) * getattr(eng, k) for k in _RATES}
+    return replace(eng, **rates)
 
 
 def get_gpu(name: str) -> GPU:

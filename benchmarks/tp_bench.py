@@ -64,6 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu", default="h200-measured", help="the planner's GPU entry")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--out", required=True, help="JSON result path")
     return p.parse_args(argv)
 
@@ -85,6 +86,8 @@ def engine_config(args: argparse.Namespace, result: dict) -> EngineConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         kv_scale=args.kv_scale,
         seed=args.seed,
+        max_num_seqs=args.batch + 1,  # the probe and the batch: no graphs for sizes never run
+        enforce_eager=args.enforce_eager,
     )
     try:
         return EngineConfig(**cfg)
@@ -179,6 +182,7 @@ def measure(engine: LLMEngine, args: argparse.Namespace, result: dict) -> None:
         "num_kv_blocks": kv.num_blocks,
         "block_size": cfg.block_size,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "cuda_graphs": engine.runner.graphs is not None,
     }
     try:
         plan, result["prediction"] = predict(engine, args)

@@ -13,7 +13,7 @@ import atexit
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ class TPGroup:
     device: torch.device
     workers: list = field(default_factory=list)  # worker processes rank 0 spawned on this host
     kv_layout: list[dict] = field(default_factory=list)  # per rank: its KV heads and blocks
+    before_close: list[Callable[[], None]] = field(default_factory=list)  # e.g. free CUDA graphs
     closed: bool = False
 
     def agree_kv(self, num_blocks: int, cfg: ModelConfig, block_bytes: int) -> int:
@@ -62,6 +63,8 @@ class TPGroup:
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
+        for release in self.before_close:
+            release()
         dist.destroy_process_group()
 
 

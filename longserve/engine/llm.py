@@ -149,7 +149,9 @@ class LLMEngine:
             )
         self.scheduler = Scheduler(cfg, self.pool)
         driver = self.model if self.tp is None else TPDriver(self.model, self.tp)
-        graphs = device.type == "cuda" and self.tp is None and not cfg.enforce_eager
+        # under TP rank 0 has every rank capture (TPDriver.decode_graphs); the others follow
+        rank0 = self.tp is None or self.tp.rank == 0
+        graphs = device.type == "cuda" and not cfg.enforce_eager and rank0
         graphs = graphs and dtype in (torch.bfloat16, torch.float16)  # the kernels' dtypes
         self.runner = ModelRunner(
             driver, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs

@@ -32,28 +32,23 @@ class StepResult:
     prompt_logprobs: dict[str, list[dict[int, Logprob]]]  # request_id -> entries for this chunk
 
 
-class ModelRunner:
-    def __init__(
-        self,
-        model: CausalLM,
-        kv: KVCache,
-        device: torch.device,
-        max_model_len: int = 0,
-        max_num_seqs: int = 0,
-        cuda_graphs: bool = False,
-    ) -> None:
-        """cuda_graphs: capture decode steps up to max_num_seqs sequences of max_model_len."""
-        self.model, self.kv, self.device = model, kv, device
-        self.block_size = kv.block_size
-        self.max_model_len = max_model_len
+class DecodeGraphs:
+    """CUDA graphs of one model's decode step, one per batch size, replayed on fresh inputs.
+
+    Under tensor parallelism every rank holds one of these over its own shard, captured in the
+    same order so that the all-reduces inside line up, and replays it when rank 0 does.
+    """
+
+    def __init__(self, model: CausalLM, kv: KVCache, max_model_len: int, sizes: list[int]) -> None:
+        self.model, self.kv, self.max_model_len = model, kv, max_model_len
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if cuda_graphs:
-            self._capture([b for b in GRAPH_BATCH_SIZES if b < 2 * max_num_seqs])
+        self._capture(sizes)
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
-        """One graph per batch size, largest first, sharing one memory pool and the inputs."""
-        n, width, dev = sizes[-1], -(-self.max_model_len // self.block_size), self.device
+        """Largest first, sharing one memory pool and the inputs."""
+        n, width = sizes[-1], -(-self.max_model_len // self.kv.block_size)
+        dev = self.kv.k[0].device
         self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.g_slots = torch.full((n,), -1, dtype=torch.long, device=dev)
@@ -82,12 +77,23 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[b] = (graph, out)
 
-    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttnMeta) -> torch.Tensor | None:
-        """Run a decode step through its graph; None when no graph fits it."""
-        n = ids.shape[0]
-        b = min((s for s in self.graphs if s >= n), default=None)
-        if meta.max_query_len != 1 or b is None:
+    def release(self) -> None:
+        """Free the graphs. Under TP this must precede destroying the NCCL group: a captured
+        collective otherwise keeps ncclCommDestroy waiting forever (pytorch/pytorch#115388)."""
+        torch.cuda.synchronize(self.kv.k[0].device)
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
+    def size_for(self, n: int, meta: AttnMeta) -> int | None:
+        """The captured batch size a step of n sequences replays at; None if none fits it."""
+        if meta.max_query_len != 1:
             return None
+        return min((s for s in self.graphs if s >= n), default=None)
+
+    def replay(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        n = ids.shape[0]
+        b = self.size_for(n, meta)
         graph, out = self.graphs[b]
         self.g_ids[:n].copy_(ids)
         self.g_pos[:n].copy_(pos)
@@ -98,6 +104,37 @@ class ModelRunner:
         self.g_table[:n, : meta.block_table.shape[1]].copy_(meta.block_table)
         graph.replay()
         return out[:n]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVCache,
+        device: torch.device,
+        max_model_len: int = 0,
+        max_num_seqs: int = 0,
+        cuda_graphs: bool = False,
+    ) -> None:
+        """cuda_graphs: capture decode steps up to max_num_seqs sequences of max_model_len.
+
+        model is the model itself or, under tensor parallelism, rank 0's TPDriver, whose
+        decode_graphs has every rank capture its own.
+        """
+        self.model, self.kv, self.device = model, kv, device
+        self.block_size = kv.block_size
+        self.max_model_len = max_model_len
+        self.graphs = None
+        if cuda_graphs:
+            sizes = [b for b in GRAPH_BATCH_SIZES if b < 2 * max_num_seqs]
+            make = getattr(model, "decode_graphs", None) or (lambda *a: DecodeGraphs(model, *a))
+            self.graphs = make(kv, max_model_len, sizes)
+
+    def _replay(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttnMeta) -> torch.Tensor | None:
+        """Run a decode step through its graph; None when no graph fits it."""
+        if self.graphs is None or self.graphs.size_for(ids.shape[0], meta) is None:
+            return None
+        return self.graphs.replay(ids, pos, meta)
 
     def _slots(self, req: Request, start: int, n: int) -> list[int]:
         bs, table = self.block_size, req.block_ids
@@ -137,7 +174,7 @@ class ModelRunner:
             meta.block_tables = [torch.tensor(t, dtype=torch.long, device=dev) for t in tables]
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        hidden = self._replay(ids_t, pos_t, meta) if self.graphs else None
+        hidden = self._replay(ids_t, pos_t, meta)
         if hidden is None:
             hidden = self.model(ids_t, pos_t, self.kv, meta)
         samples = {}

@@ -52,22 +52,25 @@ def attention(
             q, kv, meta.block_table, meta.seq_lens, meta.cu_seqlens_q, meta.max_query_len, scale
         )
     out = torch.empty_like(q)
+    group = q.shape[1] // cache.num_kv_heads
     for i, ctx in enumerate(meta.context_lens):
         s, e = meta.query_start[i], meta.query_start[i + 1]
         n = e - s
         k, v = cache.gather(layer, meta.block_tables[i], ctx, q.dtype)
-        qi, k, v = q[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        # [1, heads, tokens, D]: SDPA's fused kernels take 4-D inputs and no GQA
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        if n == 1:  # a decode token: a KV head's query heads attend as G queries, no copy
+            qi = q[s].view(1, cache.num_kv_heads, group, -1)
+            o = F.scaled_dot_product_attention(qi, k, v, scale=scale)
+            out[s] = o.reshape(q.shape[1:])
+            continue
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        qi = q[s:e].transpose(0, 1).unsqueeze(0)
         if n == ctx:
-            o = F.scaled_dot_product_attention(
-                qi, k, v, is_causal=True, scale=scale, enable_gqa=True
-            )
-        elif n == 1:
-            o = F.scaled_dot_product_attention(qi, k, v, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale)
         else:
             qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos
-            o = F.scaled_dot_product_attention(
-                qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[s:e] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
+        out[s:e] = o[0].transpose(0, 1)
     return out

@@ -19,7 +19,7 @@ test: setup
 	$(PY) -m pytest -q -x --durations=15
 
 report: setup
-	.venv/bin/longserve generate --model smollm2-135m --chat "What makes long-context serving hard?" --max-tokens 64 --json
+	.venv/bin/longserve report --preset quick --out reports/quick
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

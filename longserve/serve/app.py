@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -147,6 +147,34 @@ async def collect(gen: Generation, request: Request, count: int) -> list[Choice]
     return choices
 
 
+async def stream_events(
+    gen: Generation,
+    count: int,
+    include_usage: bool,
+    n: int,
+    chunk: Callable[..., str],
+    choice: Callable[[Delta], BaseModel],
+    opening: Sequence[BaseModel] = (),
+) -> AsyncIterator[str]:
+    """One request's SSE events: an opening chunk per choice if given, a chunk per delta, the
+    usage if asked, then [DONE]. An engine failure becomes an error event, and the request is
+    aborted however the stream ends (a client gone mid-stream included)."""
+    acc = [Choice() for _ in range(count)]
+    try:
+        for c in opening:
+            yield chunk([c])
+        async for d in gen:
+            acc[d.index].add(d)
+            yield chunk([choice(d)])
+        if include_usage:
+            yield chunk([], usage(acc, n))
+    except EngineDeadError as e:
+        yield f"data: {error_response(500, str(e)).body.decode()}\n\n"
+    finally:
+        gen.abort()
+    yield "data: [DONE]\n\n"
+
+
 def stream_response(events: AsyncIterator[str], gen: Generation) -> StreamingResponse:
     """SSE; the background abort covers a client that leaves before the stream even starts."""
 
@@ -266,27 +294,16 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
         if body.stream:
 
-            async def events() -> AsyncIterator[str]:
-                acc = [Choice() for _ in range(count)]
-                try:
-                    async for d in gen:
-                        acc[d.index].add(d)
-                        c = CompletionChoice(
-                            index=d.index,
-                            text=d.text,
-                            finish_reason=d.finish_reason,
-                            stop_reason=d.stop_reason,
-                        )
-                        yield chunk([c])
-                    if body.include_usage:
-                        yield chunk([], usage(acc, body.n))
-                except EngineDeadError as e:
-                    yield f"data: {error_response(500, str(e)).body.decode()}\n\n"
-                finally:
-                    gen.abort()
-                yield "data: [DONE]\n\n"
+            def choice(d: Delta) -> CompletionChoice:
+                return CompletionChoice(
+                    index=d.index,
+                    text=d.text,
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                )
 
-            return stream_response(events(), gen)
+            events = stream_events(gen, count, body.include_usage, body.n, chunk, choice)
+            return stream_response(events, gen)
 
         choices = await collect(gen, request, count)
         if choices is None:
@@ -322,36 +339,20 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
         if body.stream:
 
-            async def events() -> AsyncIterator[str]:
-                acc = [Choice() for _ in range(count)]
-                try:
-                    for i in range(count):
-                        yield chunk(
-                            [
-                                ChatChunkChoice(
-                                    index=i, delta=DeltaMessage(role="assistant", content="")
-                                )
-                            ]
-                        )
-                    async for d in gen:
-                        acc[d.index].add(d)
-                        delta = DeltaMessage(content=d.text if d.text else None)
-                        c = ChatChunkChoice(
-                            index=d.index,
-                            delta=delta,
-                            finish_reason=d.finish_reason,
-                            stop_reason=d.stop_reason,
-                        )
-                        yield chunk([c])
-                    if body.include_usage:
-                        yield chunk([], usage(acc, body.n))
-                except EngineDeadError as e:
-                    yield f"data: {error_response(500, str(e)).body.decode()}\n\n"
-                finally:
-                    gen.abort()
-                yield "data: [DONE]\n\n"
+            def choice(d: Delta) -> ChatChunkChoice:
+                return ChatChunkChoice(
+                    index=d.index,
+                    delta=DeltaMessage(content=d.text if d.text else None),
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
+                )
 
-            return stream_response(events(), gen)
+            roles = [
+                ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(count)
+            ]
+            events = stream_events(gen, count, body.include_usage, body.n, chunk, choice, roles)
+            return stream_response(events, gen)
 
         choices = await collect(gen, request, count)
         if choices is None:

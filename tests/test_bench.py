@@ -160,3 +160,16 @@ def test_report_end_to_end_tiny(tmp_path):
     assert res["speed"]["prefix"]["cache_on"]["second_cached_tokens"] >= 160 - 16
     for png in ("niah.png", "parity.png", "ttft.png", "p99_budget.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_chunk_budget_specs():
+    """off, N and N/C: a plain budget clears the per-prompt cap a previous N/C run set."""
+    chunking = runs.chunking
+    assert chunking(None) == ("off", {"enable_chunked_prefill": False})
+    assert chunking("off")[0] == "off"
+    label, sched = chunking("1024")
+    assert label == 1024 and sched["max_num_batched_tokens"] == 1024
+    assert sched["long_prefill_token_threshold"] == 0
+    label, sched = chunking("1024/512")
+    assert label == "1024/512" and sched["long_prefill_token_threshold"] == 512
+    assert chunking(256) == chunking("256")

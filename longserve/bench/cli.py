@@ -52,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--budgets",
         nargs="+",
-        default=["off", "256", "1024", "4096"],
-        help="chunk budgets to sweep (max_num_batched_tokens); 'off' disables chunking",
+        default=["off", "256", "1024", "1024/512", "4096"],
+        help="chunk budgets to sweep: N (max_num_batched_tokens), N/C (and at most C tokens of "
+        "one prompt a step, --long-prefill-token-threshold), or 'off' (no chunking)",
     )
     common(q)
 
@@ -92,10 +93,9 @@ def run(args: argparse.Namespace) -> int:
             seed,
         )
     else:
-        budgets = [None if b == "off" else int(b) for b in args.budgets]
         result = runs.mixed_sweep(
             target,
-            budgets,
+            args.budgets,
             args.num_requests,
             args.rate,
             args.short_tokens,

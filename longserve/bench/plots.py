@@ -50,7 +50,7 @@ def p99_vs_budget(mixed: dict, path: Path) -> Path:
             labels, ys, marker=marker, label=f"{kind} prompts ({mixed[f'{kind}_tokens']} tokens)"
         )
     ax.set_yscale("log")
-    ax.set_xlabel("chunk budget (max_num_batched_tokens; off = no chunking)")
+    ax.set_xlabel("chunk budget (max_num_batched_tokens[/per-prompt cap]; off = no chunking)")
     ax.set_ylabel("p99 TTFT (ms)")
     ax.set_title("Mixed traffic: 90% short, 10% long")
     ax.legend(fontsize=8)

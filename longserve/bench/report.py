@@ -71,7 +71,7 @@ PRESETS = {
             "short_tokens": 96,
             "long_tokens": 3000,
             "output_tokens": 8,
-            "budgets": [None, 256, 1024],
+            "budgets": [None, 256, 1024, "1024/512"],
         },
         plan={
             "model": "llama-3.3-70b",
@@ -120,7 +120,7 @@ PRESETS = {
             "short_tokens": 512,
             "long_tokens": 32768,
             "output_tokens": 16,
-            "budgets": [4096, 16384],
+            "budgets": [4096, 16384, "4096/2048"],
         },
         plan={
             "model": "llama-3.3-70b",
@@ -408,6 +408,9 @@ def write_markdown(p: Preset, res: dict, out: Path) -> str:
         "",
         f"### Mixed traffic: {mixed['short_tokens']}-token and {mixed['long_tokens']}-token "
         "prompts (9 to 1)",
+        "",
+        "Budget N: `--max-num-batched-tokens N`; N/C: and at most C tokens of one prompt a step "
+        "(`--long-prefill-token-threshold C`); off: no chunked prefill.",
         "",
     ]
     s.append(

@@ -74,9 +74,21 @@ def chat_load(
     }
 
 
+def chunking(spec: int | str | None) -> tuple[int | str, dict]:
+    """A chunk-budget spec -> (its label, the scheduler settings): None or "off" (no chunked
+    prefill), N (max_num_batched_tokens N), or "N/C" (and at most C tokens of one prompt a step,
+    long_prefill_token_threshold: what lets short requests in beside a long prefill)."""
+    if spec is None or spec == "off":
+        return "off", {"enable_chunked_prefill": False}
+    budget, _, cap = str(spec).partition("/")
+    sched = {"enable_chunked_prefill": True, "max_num_batched_tokens": int(budget)}
+    sched["long_prefill_token_threshold"] = int(cap or 0)
+    return (f"{budget}/{cap}" if cap else int(budget)), sched
+
+
 def mixed_sweep(
     target: Target,
-    budgets: list[int | None],
+    budgets: list[int | str | None],
     num_requests: int,
     rate: float,
     short_tokens: int,
@@ -86,25 +98,21 @@ def mixed_sweep(
     model: str = "",
     seed: int = 0,
 ) -> dict:
-    """Replay the same mixed traffic per chunk budget (None: chunked prefill off)."""
+    """Replay the same mixed traffic per chunk budget (a `chunking` spec each)."""
     _warm(target, vocab, model)
     specs = workloads.mixed(
         num_requests, rate, short_tokens, long_tokens, output_tokens, vocab, seed=seed
     )
     rows = []
     for b in budgets if not isinstance(target, str) else [None]:
+        label, sched = chunking(b)
         if not isinstance(target, str):
-            sched = (
-                {"enable_chunked_prefill": False}
-                if b is None
-                else {"enable_chunked_prefill": True, "max_num_batched_tokens": b}
-            )
             offline.reset(target, enable_prefix_caching=False, **sched)
-        records, wall = _send(target, specs, model, desc=f"budget {b or 'off'}")
+        records, wall = _send(target, specs, model, desc=f"budget {label}")
         by = summarize_by_kind(records, wall)
         rows.append(
             {
-                "budget": b or "off",
+                "budget": label,
                 "short_ttft_ms": by["short"]["ttft_ms"],
                 "long_ttft_ms": by["long"]["ttft_ms"],
                 "short_tpot_ms": by["short"]["tpot_ms"],

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -22,6 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longserve.config import EngineConfig, ModelConfig
+
+log = logging.getLogger("longserve")
 
 
 @dataclass
@@ -65,7 +69,17 @@ class TPGroup:
                 p.terminate()
         for release in self.before_close:
             release()
-        dist.destroy_process_group()
+        _destroy_group()
+
+
+def _destroy_group(timeout_s: float = 30.0) -> None:
+    """destroy_process_group, given up after timeout_s: NCCL teardown can hang (a graph still
+    holding captured work, pytorch/pytorch#115388), and an engine's exit must not hang with it."""
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning("the process group did not close within %.0f s; leaving it", timeout_s)
 
 
 def join(cfg: EngineConfig) -> TPGroup | None:

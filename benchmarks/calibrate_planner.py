@@ -29,8 +29,7 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from longserve.ops.triton.decode import decode_config
-from longserve.ops.triton.kv import FP8, INT4, PLAIN
+from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config
 from longserve.plan.cost import load_config, plan
 from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from longserve.ops.triton.common import load_tile
-from longserve.ops.triton.kv import PLAIN, PagedKV
+from longserve.ops.triton.kv import PagedKV, decode_config
 
 
 @triton.jit
@@ -178,16 +178,6 @@ def num_splits(
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(waves * sms, batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_seq_len, 256)))
-
-
-def decode_config(fmt: int, batch: int, kv_heads: int) -> tuple[int, int]:
-    """(keys per tile, program waves), the best of the H200 sweep (docs/kernels.md) by regime:
-    bf16 takes 128-key tiles once there are 64 (sequence, KV head) pairs; the quantized formats,
-    bound by their in-register conversion, want twice the programs below 256 pairs."""
-    pairs = batch * kv_heads
-    if fmt == PLAIN:
-        return (128 if pairs >= 64 else 64), 4
-    return 64, (8 if pairs < 256 else 4)
 
 
 def paged_decode(

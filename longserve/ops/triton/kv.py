@@ -1,4 +1,5 @@
-"""One layer's paged K and V as the kernels read them, in any KV format of kv/quant.py.
+"""One layer's paged K and V as the kernels read them, in any KV format of kv/quant.py, and the
+decode launch chosen for each format (plain Python: it imports without Triton).
 
 Formats (the layout contract of kv/quant.py):
 - PLAIN: bf16 / fp16 pools [blocks, block_size, kv_heads, head_dim].
@@ -71,6 +72,16 @@ class PagedKV:
             ks = vs = kz = vz = k
             ps, sh = (0, 0, 0), 0
         return (k, v, ks, vs, kz, vz, *k.stride()[:3], *ps, sh)
+
+
+def decode_config(fmt: int, batch: int, kv_heads: int) -> tuple[int, int]:
+    """(keys per tile, program waves), the best of the H200 sweep (docs/kernels.md) by regime:
+    bf16 takes 128-key tiles once there are 64 (sequence, KV head) pairs; the quantized formats,
+    bound by their in-register conversion, want twice the programs below 256 pairs."""
+    pairs = batch * kv_heads
+    if fmt == PLAIN:
+        return (128 if pairs >= 64 else 64), 4
+    return 64, (8 if pairs < 256 else 4)
 
 
 def _per_head(scale: torch.Tensor | None, heads: int) -> torch.Tensor:

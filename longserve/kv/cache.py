@@ -126,7 +126,7 @@ class KVCache:
         """The first `length` cached tokens of a sequence, [length, kv_heads, head_dim] in dtype."""
 
         def take(t: torch.Tensor) -> torch.Tensor:
-            return t[block_ids].flatten(0, 1)[:length]
+            return t.index_select(0, block_ids).flatten(0, 1)[:length]
 
         out = []
         for i, pools in enumerate((self.k, self.v)):

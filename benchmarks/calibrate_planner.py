@@ -29,22 +29,28 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config
+from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config, extend_config
 from longserve.plan.cost import load_config, plan
 from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
 
-RESULTS = Path("benchmarks/results")
+SOURCES = {  # the committed measurements, relative to the repository root
+    "triton": "benchmarks/results/triton_h200.json",
+    "prefix": "benchmarks/results/prefix_h200_llama70b_fp8.json",
+    "tp2": "benchmarks/results/tp2_llama70b_128k_eager.json",
+    "tp2_graphs": "benchmarks/results/tp2_llama70b_128k.json",
+    "report": "reports/h200/results.json",
+}
 GPU = get_gpu("h200-measured")
 
 
-def load(name: str) -> dict:
-    return json.loads(Path(name).read_text())
+def load(path: str) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def kernel_shares(triton: dict) -> dict:
     """attention and KV-read shares of the engine's kernels against the peers in the same run."""
     pre = next(r for r in triton["kernels"]["prefill"] if r["context"] == 131072)
-    name = "bm64_bn64_w4_s3"  # extend_config's launch for head_dim 128, GQA 8
+    name = "bm{BM}_bn{BN}_w{num_warps}_s{num_stages}".format(**extend_config(128, 8))
     attention = pre["configs"][name]["tflop_s"] / pre["cudnn"]["tflop_s"]
     rows = [r for r in triton["kernels"]["decode"] if r["context"] == 131072]
     sdpa = {r["batch"]: r["kv_bytes"] / r["sdpa_ms"] for r in rows if r["format"] == "bf16"}
@@ -181,13 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ENGINE_CALIBRATION), help="calibration JSON to write")
     args = ap.parse_args()
-    data = {
-        "triton": load(RESULTS / "triton_h200.json"),
-        "prefix": load(RESULTS / "prefix_h200_llama70b_fp8.json"),
-        "tp2": load(RESULTS / "tp2_llama70b_128k_eager.json"),
-        "tp2_graphs": load(RESULTS / "tp2_llama70b_128k.json"),
-        "report": load("reports/h200/results.json"),
-    }
+    data = {k: load(path) for k, path in SOURCES.items()}
     ceil = Efficiency()
     k = kernel_shares(data["triton"])
     fixed, per_seq = step_overhead(data["triton"]["e2e"]["e2e"], ceil)
@@ -212,13 +212,7 @@ def main() -> None:
         "fitted by benchmarks/calibrate_planner.py; plan/hardware.py applies it by default.",
         "efficiency": asdict(eff),
         "decode_kernel_share_by_batch_1_8_32": k["per_batch"],
-        "sources": [
-            "benchmarks/results/triton_h200.json",
-            "benchmarks/results/prefix_h200_llama70b_fp8.json",
-            "benchmarks/results/tp2_llama70b_128k_eager.json",
-            "benchmarks/results/tp2_llama70b_128k.json",
-            "reports/h200/results.json",
-        ],
+        "sources": list(SOURCES.values()),
         "rows_at_ceilings": before,
         "rows_calibrated": after,
     }

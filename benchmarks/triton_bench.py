@@ -31,7 +31,7 @@ from triton.testing import do_bench
 from benchmarks.common import environment, write
 from longserve.ops.triton import PagedKV, paged_decode, paged_extend
 from longserve.ops.triton.decode import num_splits
-from longserve.ops.triton.extend import extend_config
+from longserve.ops.triton.kv import extend_config
 
 HQ, HKV, D, BS = 64, 8, 128, 16
 GROUP = 64  # int4 channels per scale/zero pair

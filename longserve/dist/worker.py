@@ -84,11 +84,10 @@ def serve(model: CausalLM, kv: KVCache, tp: TPGroup) -> None:
             graphs.replay(*args)
         elif op == "graphs":
             graphs = DecodeGraphs(model, kv, *args)
+            tp.before_close.append(graphs.release)
         elif op == "logits":
             gather_logits(model, args[0], tp, model.cfg.vocab_size)
         elif op == "stop":
-            if graphs is not None:
-                graphs.release()
             return
         else:
             raise RuntimeError(f"unknown tensor-parallel call {op!r}")

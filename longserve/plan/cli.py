@@ -102,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (flag, what) in _EFF_FLAGS.items():
         p.add_argument(
             flag,
+            dest=name,
             type=float,
             default=None,
             help=f"{what}; overrides the default (this engine on a measured GPU: "
@@ -114,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
-    given = {k: getattr(args, flag[2:].replace("-", "_")) for k, (flag, _) in _EFF_FLAGS.items()}
+    given = {k: getattr(args, k) for k in _EFF_FLAGS}
     eff = default_efficiency(gpu, engine=not args.ceilings)
     eff = replace(eff, **{k: v for k, v in given.items() if v is not None})
     p = plan(

@@ -9,6 +9,7 @@ the planner a JSON file with the same fields.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -114,6 +115,7 @@ ENGINE_CALIBRATION = Path(__file__).parent.parent / "data" / "engine_h200.json"
 _RATES = [f.name for f in fields(Efficiency) if not f.name.startswith("step_overhead")]
 
 
+@functools.cache
 def engine_efficiency() -> Efficiency:
     """The engine's calibration (efficiencies over the measured ceilings, step overheads)."""
     return Efficiency(**json.loads(ENGINE_CALIBRATION.read_text())["efficiency"])

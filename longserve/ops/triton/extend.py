@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from longserve.ops.triton.common import load_int4_tile, load_tile
-from longserve.ops.triton.kv import PagedKV
+from longserve.ops.triton.kv import PagedKV, extend_config
 
 
 @triton.jit
@@ -141,12 +141,6 @@ def _extend_kernel(
                 (acc * inv[:, None]).to(OUT.dtype.element_ty),
                 mask=rmask[:, None],
             )
-
-
-def extend_config(dim: int, group: int) -> dict:
-    """Tiles of 64 rows (tokens x group) by 64 keys, 4 warps, 3 stages: the best of the H200
-    sweep for Llama-3.3-70B's shape (docs/kernels.md), ahead of 128-row tiles."""
-    return dict(BM=64, TM=max(1, 64 // group), BN=64, num_warps=4, num_stages=3)
 
 
 def paged_extend(

@@ -1,5 +1,5 @@
 """One layer's paged K and V as the kernels read them, in any KV format of kv/quant.py, and the
-decode launch chosen for each format (plain Python: it imports without Triton).
+kernels' launch choices (plain Python: it imports without Triton).
 
 Formats (the layout contract of kv/quant.py):
 - PLAIN: bf16 / fp16 pools [blocks, block_size, kv_heads, head_dim].
@@ -82,6 +82,12 @@ def decode_config(fmt: int, batch: int, kv_heads: int) -> tuple[int, int]:
     if fmt == PLAIN:
         return (128 if pairs >= 64 else 64), 4
     return 64, (8 if pairs < 256 else 4)
+
+
+def extend_config(dim: int, group: int) -> dict:
+    """Tiles of 64 rows (tokens x group) by 64 keys, 4 warps, 3 stages: the best of the H200
+    sweep for Llama-3.3-70B's shape (docs/kernels.md), ahead of 128-row tiles."""
+    return dict(BM=64, TM=max(1, 64 // group), BN=64, num_warps=4, num_stages=3)
 
 
 def _per_head(scale: torch.Tensor | None, heads: int) -> torch.Tensor:

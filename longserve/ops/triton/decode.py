@@ -21,51 +21,32 @@ from longserve.ops.triton.kv import PagedKV, decode_config
 
 
 @triton.jit
-def _int4_scores(qe, qo, x, XS, XZ, prow, nmask, colg, NG: tl.constexpr):
-    """q . k over an int4 tile, the dots taken on the raw nibbles (1024 + nibble, exact in fp16).
-
-    Per group: scale * (q_g . nibbles - (zero + 1024) * sum(q_g)); the scales then touch only
-    the [rows, BN] score tile, not the [BN, D] key tile.
-    """
-    lo, hi = _nibbles(x)
-    s = tl.zeros([qe.shape[0], x.shape[0]], tl.float32)
-    for g in tl.static_range(NG):
-        sc = tl.load(XS + prow + g, mask=nmask, other=0.0).to(tl.float32)
-        zr = tl.load(XZ + prow + g, mask=nmask, other=0.0).to(tl.float32) + 1024.0
-        qe_g = tl.where((colg == g)[None, :], qe, 0.0)
-        qo_g = tl.where((colg == g)[None, :], qo, 0.0)
-        raw = tl.dot(qe_g, tl.trans(lo)) + tl.dot(qo_g, tl.trans(hi))
-        qsum = tl.sum(qe_g.to(tl.float32) + qo_g.to(tl.float32), 1)
-        s += sc[None, :] * (raw - zr[None, :] * qsum[:, None])
-    return s
+def _words(X, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT: tl.constexpr, BS: tl.constexpr):
+    """A [BN, D/4] tile of a quantized pool as words of four channels: uint32 for fp8 (bytes),
+    uint16 for int4 (nibbles). Word c of a row holds channels 4c .. 4c+3."""
+    if FMT == 1:
+        W = X.to(tl.pointer_type(tl.uint32))
+        row = blk * (s_kb // 4) + (n % BS) * (s_ks // 4) + kvh * (s_kh // 4)
+    else:
+        W = X.to(tl.pointer_type(tl.uint16))
+        row = blk * (s_kb // 2) + (n % BS) * (s_ks // 2) + kvh * (s_kh // 2)
+    return tl.load(W + row[:, None] + c[None, :], mask=nmask[:, None], other=0)
 
 
 @triton.jit
-def _int4_values(acc, acc_o, p, x, XS, XZ, prow, nmask, colg, NG: tl.constexpr):
-    """acc (even channels) and acc_o (odd) += p @ v over an int4 tile, on the raw nibbles.
-
-    Per group: (p * scale) @ nibbles - sum(p * scale * (zero + 1024)), with p * scale rounded to
-    fp16 once so that the 1024 offsets cancel exactly.
-    """
-    lo, hi = _nibbles(x)
-    for g in tl.static_range(NG):
-        sc = tl.load(XS + prow + g, mask=nmask, other=0.0).to(tl.float32)
-        zr = tl.load(XZ + prow + g, mask=nmask, other=0.0).to(tl.float32) + 1024.0
-        pg = (p * sc[None, :]).to(tl.float16)
-        c = tl.sum(pg.to(tl.float32) * zr[None, :], 1)[:, None]
-        in_g = (colg == g)[None, :]
-        acc += tl.where(in_g, tl.dot(pg, lo) - c, 0.0)
-        acc_o += tl.where(in_g, tl.dot(pg, hi) - c, 0.0)
-    return acc, acc_o
+def _phase(w, t: tl.constexpr, FMT: tl.constexpr, F8: tl.constexpr):
+    """Channels 4c + t of a word tile, in fp16: the fp8 value, or 1024 + the int4 nibble."""
+    if FMT == 1:
+        x = ((w >> (8 * t)) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
+    else:
+        x = (((w >> (4 * t)) & 15) | 0x6400).to(tl.float16, bitcast=True)
+    return x
 
 
 @triton.jit
-def _nibbles(x):
-    """uint8 tile -> fp16 tiles of 1024 + its low and its high nibbles (by bit pattern)."""
-    w = x.to(tl.uint16)
-    lo = ((w & 15) | 0x6400).to(tl.float16, bitcast=True)
-    hi = ((w >> 4) | 0x6400).to(tl.float16, bitcast=True)
-    return lo, hi
+def _group(x, gi, g: tl.constexpr):
+    """Column g of a [rows, groups] tile."""
+    return tl.sum(tl.where(gi[None, :] == g, x, 0.0), 1)
 
 
 @triton.jit
@@ -76,8 +57,10 @@ def _decode_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BN: tl.constexpr, QGS: tl.constexpr,
 ):  # fmt: skip
-    # FMT (kv.py): 0 bf16/fp16, 1 fp8, 2 int4. Quantized formats compute in fp16: fp8 and
-    # nibbles convert to it exactly and cheaply.
+    # FMT (kv.py): 0 bf16/fp16, 1 fp8, 2 int4. Quantized formats compute in fp16, to which fp8
+    # and nibbles convert exactly, and read V (and int4 K) as words of four channels: converted
+    # in registers, four phase tiles (channels 4c + t) take the tensor cores' fast path, where
+    # an 8-bit [keys, channels] tile would be read from shared memory byte by byte.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,36 +74,58 @@ def _decode_kernel(
     heads = kvh * GROUP + g
     qk_scale = sm_scale * 1.4426950408889634
     v_scale = 1.0
+    F8 = K.dtype.element_ty
     if FMT == 1:
         qk_scale *= tl.load(KS + kvh * s_sh)
         v_scale = tl.load(VS + kvh * s_sh)
     q_row = Q + b * s_qt + heads[:, None] * s_qh
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
+    d = tl.arange(0, D)
+    c = tl.arange(0, D // 4)
+    q = tl.load(q_row + d[None, :], mask=gmask[:, None], other=0.0)
+    if FMT != 0:
+        q = q.to(tl.float16)
+    acc = tl.zeros([GP, D], tl.float32)
+    a0 = tl.zeros([GP, D // 4], tl.float32)
+    a1 = tl.zeros([GP, D // 4], tl.float32)
+    a2 = tl.zeros([GP, D // 4], tl.float32)
+    a3 = tl.zeros([GP, D // 4], tl.float32)
     if FMT == 2:
-        j = tl.arange(0, D // 2)
-        colg = j // (QGS // 2)
-        qe = tl.load(q_row + 2 * j[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
-        qo = tl.load(q_row + 2 * j[None, :] + 1, mask=gmask[:, None], other=0.0).to(tl.float16)
-        acc = tl.zeros([GP, D // 2], tl.float32)
-        acc_o = tl.zeros([GP, D // 2], tl.float32)
-    else:
-        d = tl.arange(0, D)
-        q = tl.load(q_row + d[None, :], mask=gmask[:, None], other=0.0)
-        if FMT == 1:
-            q = q.to(tl.float16)
-        acc = tl.zeros([GP, D], tl.float32)
+        # int4 dots run on the raw nibbles; a group's scale and zero then touch only the small
+        # score and probability tiles: q . k = scale * (q_g . (1024 + nib) - (zero + 1024) sum q_g).
+        NG: tl.constexpr = D // QGS
+        gi = tl.arange(0, NG)
+        colg = c // (QGS // 4)
+        q0 = tl.load(q_row + 4 * c[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+        q1 = tl.load(q_row + 4 * c[None, :] + 1, mask=gmask[:, None], other=0.0).to(tl.float16)
+        q2 = tl.load(q_row + 4 * c[None, :] + 2, mask=gmask[:, None], other=0.0).to(tl.float16)
+        q3 = tl.load(q_row + 4 * c[None, :] + 3, mask=gmask[:, None], other=0.0).to(tl.float16)
+        q_sum = tl.sum(tl.reshape(q.to(tl.float32), [GP, NG, QGS]), 2)
 
     for n0 in tl.range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         nmask = n < end
         blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
-        row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh
         if FMT == 2:
             prow = blk * s_pb + (n % BS) * s_ps + kvh * s_ph
-            x = tl.load(K + row[:, None] + j[None, :], mask=nmask[:, None], other=0)
-            s = _int4_scores(qe, qo, x, KS, KZ, prow, nmask, colg, D // QGS)
+            pg = prow[:, None] + gi[None, :]
+            k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) + 1024.0
+            wk = _words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
+            k0 = tl.trans(_phase(wk, 0, FMT, F8))
+            k1 = tl.trans(_phase(wk, 1, FMT, F8))
+            k2 = tl.trans(_phase(wk, 2, FMT, F8))
+            k3 = tl.trans(_phase(wk, 3, FMT, F8))
+            s = tl.zeros([GP, BN], tl.float32)
+            for gr in tl.static_range(NG):
+                sel = (colg == gr)[None, :]
+                raw = tl.dot(tl.where(sel, q0, 0.0), k0) + tl.dot(tl.where(sel, q1, 0.0), k1)
+                raw += tl.dot(tl.where(sel, q2, 0.0), k2) + tl.dot(tl.where(sel, q3, 0.0), k3)
+                zq = _group(k_zr, gi, gr)[None, :] * _group(q_sum, gi, gr)[:, None]
+                s += _group(k_sc, gi, gr)[None, :] * (raw - zq)
         else:
+            row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh
             s = tl.dot(q, tl.trans(load_tile(K, row, nmask, d, q.dtype)))
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -128,25 +133,50 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        if FMT == 2:
-            x = tl.load(V + row[:, None] + j[None, :], mask=nmask[:, None], other=0)
-            acc, acc_o = _int4_values(
-                acc * alpha[:, None], acc_o * alpha[:, None], p, x, VS, VZ, prow, nmask, colg,
-                D // QGS,
-            )  # fmt: skip
-        else:
+        if FMT == 0:
             v = load_tile(V, row, nmask, d, q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        else:
+            wv = _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
+            v0 = _phase(wv, 0, FMT, F8)
+            v1 = _phase(wv, 1, FMT, F8)
+            v2 = _phase(wv, 2, FMT, F8)
+            v3 = _phase(wv, 3, FMT, F8)
+            a0 = a0 * alpha[:, None]
+            a1 = a1 * alpha[:, None]
+            a2 = a2 * alpha[:, None]
+            a3 = a3 * alpha[:, None]
+            if FMT == 1:
+                p16 = p.to(tl.float16)
+                a0 += tl.dot(p16, v0)
+                a1 += tl.dot(p16, v1)
+                a2 += tl.dot(p16, v2)
+                a3 += tl.dot(p16, v3)
+            else:
+                # Per group: (p * scale) @ (1024 + nib) - sum(p * scale * (zero + 1024)), with
+                # p * scale rounded to fp16 once so that the 1024 offsets cancel exactly.
+                v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+                v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) + 1024.0
+                for gr in tl.static_range(NG):
+                    pw = (p * _group(v_sc, gi, gr)[None, :]).to(tl.float16)
+                    off = tl.sum(pw.to(tl.float32) * _group(v_zr, gi, gr)[None, :], 1)[:, None]
+                    sel = (colg == gr)[None, :]
+                    a0 += tl.where(sel, tl.dot(pw, v0) - off, 0.0)
+                    a1 += tl.where(sel, tl.dot(pw, v1) - off, 0.0)
+                    a2 += tl.where(sel, tl.dot(pw, v2) - off, 0.0)
+                    a3 += tl.where(sel, tl.dot(pw, v3) - off, 0.0)
 
     inv = tl.where(l_i > 0, v_scale / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     tl.store(LP + b * s_lb + heads * s_lh + split, lse, mask=gmask)
     o_row = OP + b * s_ob + heads[:, None] * s_oh + split * s_os
-    if FMT == 2:
-        tl.store(o_row + 2 * j[None, :], acc * inv[:, None], mask=gmask[:, None])
-        tl.store(o_row + 2 * j[None, :] + 1, acc_o * inv[:, None], mask=gmask[:, None])
-    else:
+    if FMT == 0:
         tl.store(o_row + d[None, :], acc * inv[:, None], mask=gmask[:, None])
+    else:
+        tl.store(o_row + 4 * c[None, :], a0 * inv[:, None], mask=gmask[:, None])
+        tl.store(o_row + 4 * c[None, :] + 1, a1 * inv[:, None], mask=gmask[:, None])
+        tl.store(o_row + 4 * c[None, :] + 2, a2 * inv[:, None], mask=gmask[:, None])
+        tl.store(o_row + 4 * c[None, :] + 3, a3 * inv[:, None], mask=gmask[:, None])
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config, extend_config
+from longserve.ops.triton.kv import extend_config
 from longserve.plan.cost import load_config, plan
 from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
 
@@ -54,12 +54,9 @@ def kernel_shares(triton: dict) -> dict:
     attention = pre["configs"][name]["tflop_s"] / pre["cudnn"]["tflop_s"]
     rows = [r for r in triton["kernels"]["decode"] if r["context"] == 131072]
     sdpa = {r["batch"]: r["kv_bytes"] / r["sdpa_ms"] for r in rows if r["format"] == "bf16"}
-    fmts = {"bf16": PLAIN, "fp8_e4m3": FP8, "int4": INT4}
     shares: dict[str, list[float]] = {}
-    for r in rows:
-        bn, waves = decode_config(fmts[r["format"]], r["batch"], 8)
-        ms = r["configs_ms"][f"bn{bn}_w4_s3_x{waves}"]
-        shares.setdefault(r["format"], []).append(r["kv_bytes"] / ms / sdpa[r["batch"]])
+    for r in rows:  # "ms": the engine's default launch
+        shares.setdefault(r["format"], []).append(r["kv_bytes"] / r["ms"] / sdpa[r["batch"]])
     med = {k: statistics.median(v) for k, v in shares.items()}
     return {
         "attention": attention,

@@ -20,6 +20,7 @@ from longserve.kv.quant import (
     kv_format,
     quantize_int4,
 )
+from longserve.ops.triton.kv import PagedKV, paged_kv
 
 from .conftest import assert_no_leaks
 
@@ -152,6 +153,8 @@ def test_scales_are_checked():
         KVCache(2, 4, 16, 3, 64, torch.float32, torch.device("cpu"), "fp8_e4m3", torch.zeros(2, 2))
     with pytest.raises(ValueError, match="group size"):
         KVCache(2, 4, 16, 3, 64, torch.float32, torch.device("cpu"), "int4", None, 48)
+    with pytest.raises(ValueError, match="group size"):  # the kernels read 4-channel words
+        KVCache(2, 4, 16, 3, 96, torch.float32, torch.device("cpu"), "int4", None, 6)
     with pytest.raises(ValueError, match="unknown kv cache dtype"):
         LLM(kv_cache_dtype="fp7")
     with pytest.raises(ValueError, match="kv_scale"):
@@ -232,3 +235,13 @@ def test_checkpoint_scales_are_used(tmp_path, caplog):
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4), False)
     assert len(out[0].outputs[0].token_ids) == 4
     assert_no_leaks(llm)
+
+
+def test_kernel_view_refuses_layouts_the_kernels_cannot_read():
+    cache = KVCache(1, 4, 16, 2, 64, torch.float32, torch.device("cpu"), "int4")
+    kv = paged_kv(cache, 0)
+    with pytest.raises(ValueError, match="whole-group strides"):
+        PagedKV(kv.k, kv.v, kv.k_scale, kv.v_scale, kv.k_zero.transpose(0, 1), kv.v_zero)
+    pool = torch.zeros(4, 16, 2, 66, dtype=torch.uint8)[..., :64]  # rows 66 bytes apart
+    with pytest.raises(ValueError, match="4-byte words"):
+        PagedKV(pool.view(torch.float8_e4m3fn), pool.view(torch.float8_e4m3fn), *torch.ones(2))

@@ -54,9 +54,10 @@ class KVCache:
             self.scales = None
         width = head_dim
         if self.fmt.group_scales:
-            if group_size < 2 or group_size % 2 or head_dim % group_size:
-                raise ValueError(
-                    f"int4 group size {group_size} must be even and divide head_dim {head_dim}"
+            if group_size < 4 or group_size % 4 or head_dim % group_size:
+                raise ValueError(  # the kernels read words of four channels
+                    f"int4 group size {group_size} must be a multiple of 4 dividing head_dim "
+                    f"{head_dim}"
                 )
             width = head_dim // 2
         shape, half = (num_blocks, block_size, num_kv_heads, width), torch.float16

@@ -8,6 +8,12 @@ decode step is bound by HBM bandwidth, so the bytes a format stores per token se
 The number of slices depends only on the batch size and a length bound, and each slice's length
 is derived in the kernel from the sequence's own length: one launch shape serves every length,
 which is what a CUDA graph needs.
+
+Quantized K/V are read as words of four channels (fp8: uint32, int4: uint16) and split in
+registers into four phase tiles, channels 4c + t, that feed the tensor cores in fp16: an 8-bit
+[keys, channels] V tile as the B operand of p @ v cannot take the transposing ldmatrix path and
+was read from shared memory byte by byte. Int4 dots run on 1024 + nibble, with group scales and
+zeros applied to the small score and probability tiles.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import triton
 import triton.language as tl
 
 from longserve.ops.triton.common import load_tile
-from longserve.ops.triton.kv import PagedKV, decode_config
+from longserve.ops.triton.kv import PagedKV, decode_block_n
+from longserve.ops.triton.w4a16 import INTERPRET
 
 
 @triton.jit
@@ -33,14 +40,59 @@ def _words(X, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT: tl.constexpr, BS: tl
     return tl.load(W + row[:, None] + c[None, :], mask=nmask[:, None], other=0)
 
 
+def _fp8_ptx(fmt: str) -> tl.constexpr:
+    cvt = f"cvt.rn.f16x2.{fmt}x2"
+    return tl.constexpr(
+        "{ .reg .b32 t; .reg .b16 lo, hi;\n"
+        f"prmt.b32 t, $4, $5, 0x5140; mov.b32 {{lo, hi}}, t; {cvt} $0, lo; {cvt} $1, hi;\n"
+        f"prmt.b32 t, $4, $5, 0x7362; mov.b32 {{lo, hi}}, t; {cvt} $2, lo; {cvt} $3, hi; }}"
+    )
+
+
+_PTX_E4M3, _PTX_E5M2 = _fp8_ptx("e4m3"), _fp8_ptx("e5m2")
+
+
 @triton.jit
-def _phase(w, t: tl.constexpr, FMT: tl.constexpr, F8: tl.constexpr):
-    """Channels 4c + t of a word tile, in fp16: the fp8 value, or 1024 + the int4 nibble."""
-    if FMT == 1:
-        x = ((w >> (8 * t)) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
+def _fp8_pairs(w, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r", [w], (tl.float16,) * 4, True, 2)
+
+
+@triton.jit
+def _phases(w, FMT: tl.constexpr, F8: tl.constexpr, ASM: tl.constexpr):
+    """The four phase tiles of a word tile, in fp16: tile t holds channels 4c + t, as the fp8
+    value or as 1024 + the int4 nibble (exact in fp16).
+
+    With ASM, inline PTX converts two words (neighbours along the dot's reduction axis) at a
+    time into the packed fp16 pairs the tensor cores take: int4 in one shift and one lop3 per
+    pair of values, fp8 in one prmt per two pairs and the hardware's fp8x2 conversion. Without
+    it (Triton's interpreter runs no PTX) the same values come from plain integer ops.
+    """
+    if ASM:
+        if FMT == 2:
+            # two uint16 words in one register: each nibble plane masked and ORed into 1024.0
+            x = tl.inline_asm_elementwise(
+                """{ .reg .b32 t;
+                lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+                shr.b32 t, $4, 4; lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+                shr.b32 t, $4, 8; lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA;
+                shr.b32 t, $4, 12; lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA; }""",
+                "=r,=r,=r,=r,r", [w], (tl.float16,) * 4, True, 2,
+            )  # fmt: skip
+        else:
+            # bytes t of the two words side by side, then fp8x2 -> f16x2
+            x = _fp8_pairs(w, _PTX_E5M2 if F8.is_fp8e5() else _PTX_E4M3)
+        x0, x1, x2, x3 = x
+    elif FMT == 1:
+        x0 = (w & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
+        x1 = ((w >> 8) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
+        x2 = ((w >> 16) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
+        x3 = (w >> 24).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
     else:
-        x = (((w >> (4 * t)) & 15) | 0x6400).to(tl.float16, bitcast=True)
-    return x
+        x0 = ((w & 15) | 0x6400).to(tl.float16, bitcast=True)
+        x1 = (((w >> 4) & 15) | 0x6400).to(tl.float16, bitcast=True)
+        x2 = (((w >> 8) & 15) | 0x6400).to(tl.float16, bitcast=True)
+        x3 = ((w >> 12) | 0x6400).to(tl.float16, bitcast=True)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -55,12 +107,10 @@ def _decode_kernel(
     BT, SEQ, OP, LP, sm_scale, num_splits,
     s_qt, s_qh, s_bt, s_ob, s_oh, s_os, s_lb, s_lh,
     FMT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    BS: tl.constexpr, BN: tl.constexpr, QGS: tl.constexpr,
+    BS: tl.constexpr, BN: tl.constexpr, QGS: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # FMT (kv.py): 0 bf16/fp16, 1 fp8, 2 int4. Quantized formats compute in fp16, to which fp8
-    # and nibbles convert exactly, and read V (and int4 K) as words of four channels: converted
-    # in registers, four phase tiles (channels 4c + t) take the tensor cores' fast path, where
-    # an 8-bit [keys, channels] tile would be read from shared memory byte by byte.
+    # and nibbles convert exactly, on phase tiles (module docstring).
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,15 +158,12 @@ def _decode_kernel(
         nmask = n < end
         blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
         if FMT == 2:
-            prow = blk * s_pb + (n % BS) * s_ps + kvh * s_ph
+            prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, NG)  # see PagedKV
             pg = prow[:, None] + gi[None, :]
             k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
             k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) + 1024.0
             wk = _words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
-            k0 = tl.trans(_phase(wk, 0, FMT, F8))
-            k1 = tl.trans(_phase(wk, 1, FMT, F8))
-            k2 = tl.trans(_phase(wk, 2, FMT, F8))
-            k3 = tl.trans(_phase(wk, 3, FMT, F8))
+            k0, k1, k2, k3 = _phases(tl.trans(wk), FMT, F8, ASM)
             s = tl.zeros([GP, BN], tl.float32)
             for gr in tl.static_range(NG):
                 sel = (colg == gr)[None, :]
@@ -138,10 +185,7 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         else:
             wv = _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
-            v0 = _phase(wv, 0, FMT, F8)
-            v1 = _phase(wv, 1, FMT, F8)
-            v2 = _phase(wv, 2, FMT, F8)
-            v3 = _phase(wv, 3, FMT, F8)
+            v0, v1, v2, v3 = _phases(wv, FMT, F8, ASM)
             a0 = a0 * alpha[:, None]
             a1 = a1 * alpha[:, None]
             a2 = a2 * alpha[:, None]
@@ -202,11 +246,13 @@ def _merge_kernel(
 def num_splits(
     batch: int, kv_heads: int, max_seq_len: int, device: torch.device, waves: int = 4
 ) -> int:
-    """Enough programs for `waves` programs per SM, each slice at least 256 tokens long."""
+    """Slices per (sequence, KV head): as many programs as fit in `waves` programs per SM (four
+    are resident at once), never a sliver more, which would leave a mostly idle extra wave
+    (measured: 576 programs take 1.4x the time of 512 on 132 SMs); each slice >= 256 tokens."""
     sms = 8
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(waves * sms, batch * kv_heads)
+    want = waves * sms // (batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_seq_len, 256)))
 
 
@@ -226,21 +272,20 @@ def paged_decode(
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
     included); max_seq_len bounds seq_lens and fixes the number of slices. splits and block_n
-    default to decode_config's choice.
+    default to num_splits and decode_block_n.
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv
-    bn, waves = decode_config(kv.fmt, batch, hkv)
-    block_n = block_n or bn
-    splits = splits or num_splits(batch, hkv, max_seq_len, q.device, waves)
+    block_n = block_n or decode_block_n(kv.fmt)
+    splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, hkv, splits)](
         q, *kv.kernel_args(), block_table, seq_lens, op, lp, sm_scale, splits,
         q.stride(0), q.stride(1), block_table.stride(0), *op.stride()[:3], *lp.stride()[:2],
         FMT=kv.fmt, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim,
-        BS=kv.block_size, BN=block_n, QGS=kv.group_size, num_warps=num_warps, num_stages=num_stages,
+        BS=kv.block_size, BN=block_n, QGS=kv.group_size, ASM=not INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(batch, hq)](

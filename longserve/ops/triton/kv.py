@@ -37,8 +37,18 @@ class PagedKV:
             heads = self.k.shape[2]
             self.k_scale = _per_head(self.k_scale, heads)
             self.v_scale = _per_head(self.v_scale, heads)
-        if self.fmt == INT4 and self.k_scale.stride() != self.k_zero.stride():
-            raise ValueError("int4 scale and zero pools need the same strides")
+        if self.fmt == INT4:
+            if self.group_size % 4:
+                raise ValueError("int4 kernels need groups of a multiple of 4 channels")
+            st = self.k_scale.stride()
+            if (
+                st != self.k_zero.stride()
+                or st[-1] != 1
+                or any(x % self.k_scale.shape[-1] for x in st[:-1])
+            ):
+                raise ValueError("int4 scale and zero pools need the same, whole-group strides")
+        if self.fmt != PLAIN and any(x % 4 for x in self.k.stride()[:-1]):
+            raise ValueError("quantized pools need rows that start on 4-byte words")
 
     @property
     def fmt(self) -> int:
@@ -74,14 +84,11 @@ class PagedKV:
         return (k, v, ks, vs, kz, vz, *k.stride()[:3], *ps, sh)
 
 
-def decode_config(fmt: int, batch: int, kv_heads: int) -> tuple[int, int]:
-    """(keys per tile, program waves), the best of the H200 sweep (docs/kernels.md) by regime:
-    bf16 takes 128-key tiles once there are 64 (sequence, KV head) pairs; the quantized formats,
-    bound by their in-register conversion, want twice the programs below 256 pairs."""
-    pairs = batch * kv_heads
-    if fmt == PLAIN:
-        return (128 if pairs >= 64 else 64), 4
-    return 64, (8 if pairs < 256 else 4)
+def decode_block_n(fmt: int) -> int:
+    """Keys per tile of the decode kernel, the best of the H200 sweep (docs/kernels.md): 64 for
+    bf16/fp16, 128 for fp8, 256 for int4 (the fewer bytes a key takes, the longer the tile that
+    keeps enough of them in flight)."""
+    return {PLAIN: 64, FP8: 128, INT4: 256}[fmt]
 
 
 def extend_config(dim: int, group: int) -> dict:

@@ -49,10 +49,10 @@ def load(path: str) -> dict:
 
 def kernel_shares(triton: dict) -> dict:
     """attention and KV-read shares of the engine's kernels against the peers in the same run."""
-    pre = next(r for r in triton["kernels"]["prefill"] if r["context"] == 131072)
+    pre = next(r for r in triton["prefill"] if r["context"] == 131072)
     name = "bm{BM}_bn{BN}_w{num_warps}_s{num_stages}".format(**extend_config(128, 8))
     attention = pre["configs"][name]["tflop_s"] / pre["cudnn"]["tflop_s"]
-    rows = [r for r in triton["kernels"]["decode"] if r["context"] == 131072]
+    rows = [r for r in triton["decode"] if r["context"] == 131072]
     sdpa = {r["batch"]: r["kv_bytes"] / r["sdpa_ms"] for r in rows if r["format"] == "bf16"}
     shares: dict[str, list[float]] = {}
     for r in rows:  # "ms": the engine's default launch
@@ -91,7 +91,7 @@ def matmul_share(cfg, tp: int, weights: str, kv: str, ctx: int, ttft: float, eff
 def rows(eff: Efficiency, data: dict) -> list[dict]:
     """Every measurement the planner can be held against, with the planner's figure."""
     llama70, llama8 = load_config("llama-3.3-70b"), load_config("llama-3.1-8b")
-    pre, tp2, e2e, rep = data["prefix"], data["tp2"], data["triton"]["e2e"]["e2e"], data["report"]
+    pre, tp2, e2e, rep = data["prefix"], data["tp2"], data["triton"]["e2e"], data["report"]
     doc, turn = pre["doc_tokens"], pre["turn_tokens"]
 
     def p70(**kw):  # noqa: ANN202
@@ -187,7 +187,7 @@ def main() -> None:
     data = {k: load(path) for k, path in SOURCES.items()}
     ceil = Efficiency()
     k = kernel_shares(data["triton"])
-    fixed, per_seq = step_overhead(data["triton"]["e2e"]["e2e"], ceil)
+    fixed, per_seq = step_overhead(data["triton"]["e2e"], ceil)
     eff = Efficiency(
         kv_read=k["kv_read"],
         kv_read_fp8=k["kv_read_fp8"],

@@ -244,9 +244,9 @@ def engine_decode(model: str, batches: list[int], new: int, prompt: int, **kw) -
     vocab = llm.engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     sp = SamplingParams(temperature=0, max_tokens=new + 1, ignore_eos=True)
-    res = {"graph_sizes": sorted(llm.engine.runner.graphs)}
-    graphs = llm.engine.runner.graphs
-    for label, g in (("graphs", graphs), ("eager", {})):
+    graphs = llm.engine.runner.graphs  # a DecodeGraphs; None runs every step eagerly
+    res = {"graph_sizes": sorted(graphs.graphs)}
+    for label, g in (("graphs", graphs), ("eager", None)):
         llm.engine.runner.graphs = g
         for b in batches:
             prompts = [

@@ -249,9 +249,10 @@ def _merge_kernel(
 def num_splits(
     batch: int, kv_heads: int, max_seq_len: int, device: torch.device, waves: int = 4
 ) -> int:
-    """Slices per (sequence, KV head): as many programs as fit in `waves` programs per SM (four
-    are resident at once), never a sliver more, which would leave a mostly idle extra wave
-    (measured: 576 programs take 1.4x the time of 512 on 132 SMs); each slice >= 256 tokens."""
+    """Slices per (sequence, KV head): at most `waves` programs per SM (bf16 and fp8 keep four
+    resident), rounded down: a sliver past a whole wave leaves a mostly idle extra one (on the
+    H200 at 128K x 8, 576 programs took 1.43x the time of 2,112; docs/kernels.md). Each slice
+    holds at least 256 tokens."""
     sms = 8
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count

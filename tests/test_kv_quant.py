@@ -240,6 +240,7 @@ def test_checkpoint_scales_are_used(tmp_path, caplog):
 def test_kernel_view_refuses_layouts_the_kernels_cannot_read():
     cache = KVCache(1, 4, 16, 2, 64, torch.float32, torch.device("cpu"), "int4")
     kv = paged_kv(cache, 0)
+    assert paged_kv(cache, 0) is kv  # built once: every step of every layer asks for it
     with pytest.raises(ValueError, match="whole-group strides"):
         PagedKV(kv.k, kv.v, kv.k_scale, kv.v_scale, kv.k_zero.transpose(0, 1), kv.v_zero)
     pool = torch.zeros(4, 16, 2, 66, dtype=torch.uint8)[..., :64]  # rows 66 bytes apart

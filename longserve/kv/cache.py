@@ -78,6 +78,7 @@ class KVCache:
             )
             self.storage += [self.k_group_scale, self.k_group_zero]
             self.storage += [self.v_group_scale, self.v_group_zero]
+        self.kernel_views: dict[int, object] = {}  # per layer, the CUDA kernels' view (ops/triton)
 
     @property
     def bytes_per_token(self) -> int:

@@ -7,8 +7,12 @@ p @ v is written back to the even and odd output channels.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the interpreter runs no inline PTX
 
 
 @triton.jit

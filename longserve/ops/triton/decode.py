@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from longserve.ops.triton.common import load_tile
+from longserve.ops.triton.common import INTERPRET, load_tile
 from longserve.ops.triton.kv import PagedKV, decode_block_n
-from longserve.ops.triton.w4a16 import INTERPRET
 
 
 @triton.jit
@@ -64,8 +63,9 @@ def _phases(w, FMT: tl.constexpr, F8: tl.constexpr, ASM: tl.constexpr):
     tiles stay small: with 1024 + nibble the offsets lost 4% of a 128K-token output).
 
     With ASM, inline PTX converts two words (neighbours along the dot's reduction axis) at a
-    time into the packed fp16 pairs the tensor cores take: int4 in one shift and one lop3 per
-    pair of values, fp8 in one prmt per two pairs and the hardware's fp8x2 conversion. Without
+    time into the packed fp16 pairs the tensor cores take: int4 in a shift, a lop3 and a
+    sub.f16x2 per pair of values, fp8 in one prmt per two pairs and the hardware's fp8x2
+    conversion. Without
     it (Triton's interpreter runs no PTX) the same values come from plain integer ops.
     """
     if ASM:

@@ -105,7 +105,16 @@ def _per_head(scale: torch.Tensor | None, heads: int) -> torch.Tensor:
 
 
 def paged_kv(cache, layer: int) -> PagedKV:  # noqa: ANN001 (a KVCache; no import cycle)
-    """The kernels' view of one layer of a KVCache; its pools' dtype says the format."""
+    """The kernels' view of one layer of a KVCache, built on first use: the pools and scales are
+    fixed once the cache exists, and every step of every layer asks for it."""
+    view = cache.kernel_views.get(layer)
+    if view is None:
+        view = cache.kernel_views[layer] = _view(cache, layer)
+    return view
+
+
+def _view(cache, layer: int) -> PagedKV:  # noqa: ANN001
+    """Its pools' dtype says the format."""
     k, v = cache.k[layer], cache.v[layer]
     if k.dtype == torch.uint8:
         ks, vs = cache.k_group_scale[layer], cache.v_group_scale[layer]

@@ -17,11 +17,11 @@ partial sums with atomics into a zeroed buffer.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from longserve.ops.triton.common import INTERPRET
 
 # Defaults picked from benchmarks/results/weights_h200.json (70B layer shapes on an H200): the
 # configuration with the lowest total time over the shapes at each batch size.
@@ -32,7 +32,6 @@ MM = {  # by BLOCK_M
     32: {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "ASM": True},
     64: {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3, "ASM": True},
 }
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the interpreter runs no inline PTX
 DEQUANT_ABOVE = 64  # rows of x past which dequantize + cuBLAS is used (not tuned in 65..2047)
 
 

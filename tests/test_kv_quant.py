@@ -74,12 +74,13 @@ def test_int4_round_trip_within_half_a_step(group):
 
 
 def test_int4_nibble_order_and_degenerate_groups():
-    x = torch.zeros(3, 1, 4)
-    x[0, 0] = torch.tensor([0.0, 15.0, 0.0, 15.0])  # scale 1, zero 0: q = x
+    x = torch.zeros(3, 1, 8)
+    x[0, 0] = torch.tensor([0.0, 15, 1, 2, 0, 3, 4, 15])  # scale 1, zero 0: q = x
     x[1, 0] = 1e4  # constant group far from zero: zero point must stay finite in float16
-    x[2, 0] = torch.tensor([100.0, 100.001, 100.0, 100.001])  # narrow for its magnitude
+    x[2, 0] = torch.tensor([100.0, 100.001] * 4)  # narrow for its magnitude
     q, scale, zero = quantize_int4(x, 4)
-    assert q[0, 0].tolist() == [0xF0, 0xF0]  # element 2i in the low nibble, 2i + 1 in the high
+    # quarters of two channels: word c holds channels c, c + 2, c + 4, c + 6, low nibble first
+    assert q[0, 0].tolist() == [0x10, 0x40, 0x2F, 0xF3]
     assert torch.isfinite(scale).all() and torch.isfinite(zero).all()
     y = dequantize_int4(q, scale, zero, torch.float32)
     assert torch.allclose(y, x, rtol=1e-3)

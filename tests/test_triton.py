@@ -35,12 +35,13 @@ from longserve.ops.triton import PagedKV, paged_decode, paged_extend, store_kv  
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 FORMATS = ["bf16", "fp16", "fp8_e4m3/per_tensor", "fp8_e4m3/per_head", "fp8_e5m2/per_head", "int4"]
+FORMATS += ["int4/16", "int4/32"]  # groups within a quarter of the head, or whole quarters
 BS = 16
 
 
-def _gpu_only(params: list) -> list:
-    """Cases past the first few run on CUDA only: the interpreter is slow."""
-    return [p if i < 3 else pytest.param(*p, marks=pytest.mark.gpu) for i, p in enumerate(params)]
+def _gpu_only(params: list, cpu: int = 3) -> list:
+    """Cases past the first `cpu` run on CUDA only: the interpreter is slow."""
+    return [p if i < cpu else pytest.param(*p, marks=pytest.mark.gpu) for i, p in enumerate(params)]
 
 
 def _skip_gpu_case(request) -> None:  # noqa: ANN001
@@ -69,15 +70,15 @@ def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype
         ref = (k.float() * ks.view(-1, 1), v.float() * vs.view(-1, 1))
         ks, vs = (ks if n > 1 else ks[0]), (vs if n > 1 else vs[0])
         kv = PagedKV(k.to(DEV), v.to(DEV), ks.to(DEV), vs.to(DEV))
-    else:
-        g = quant.INT4_GROUP_SIZE
+    else:  # int4, or int4/<group size>
+        g = int(gran or quant.INT4_GROUP_SIZE)
         pools, ref = [], []
         for _ in range(2):
             packed = torch.randint(0, 256, (*shape[:3], dim // 2), dtype=torch.uint8, generator=gen)
             scale = (torch.rand(*shape[:3], dim // g, generator=gen) * 0.2 + 0.01).half()
             zero = (torch.rand(*shape[:3], dim // g, generator=gen) * 15).half()
-            q = torch.stack((packed & 15, packed >> 4), -1).reshape(*shape[:3], dim // g, g)
-            x = (q.float() - zero.float()[..., None]) * scale.float()[..., None]
+            x = quant.dequantize_int4(packed.flatten(0, 2)[:, None], scale.flatten(0, 2)[:, None],
+                                      zero.flatten(0, 2)[:, None], torch.float32)  # fmt: skip
             pools.append((packed.to(DEV), scale.to(DEV), zero.to(DEV)))
             ref.append(x.reshape(shape))
         (k, ks, kz), (v, vs, vz) = pools
@@ -128,6 +129,7 @@ DECODE = _gpu_only(
         (8, 1, 64, [37], "int4"),
         (4, 4, 64, [17, 70], "fp8_e4m3/per_head"),
         (3, 1, 64, [5, 33, 64], "bf16"),
+        (8, 2, 128, [40], "int4/16"),
     ]
     + [
         (hq, hkv, d, lens, f)
@@ -140,7 +142,8 @@ DECODE = _gpu_only(
             (64, 8, 128, [131071]),
             (32, 4, 64, [random.Random(b).randint(1, 9000) for b in range(33)]),
         ]
-    ]
+    ],
+    cpu=4,
 )
 
 
@@ -201,8 +204,9 @@ def test_store_matches_reference_quantizer(request, fmt, dim):
     """Bit for bit what kv/quant.py writes, padding slots (-1) skipped and left untouched."""
     _skip_gpu_case(request)
     gen = torch.Generator().manual_seed(dim)
-    heads, blocks, t, g = 4, 6, 37, quant.INT4_GROUP_SIZE
+    heads, blocks, t = 4, 6, 37
     name, _, gran = fmt.partition("/")
+    g = int(gran) if name == "int4" and gran else quant.INT4_GROUP_SIZE
     xs = [torch.randn(t, heads, dim, generator=gen) * 3, torch.randn(t, heads, dim, generator=gen)]
     xs[1] += 1.5  # groups of one sign
     xs[0][0, 0] = 0.25  # a constant group

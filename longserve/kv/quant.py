@@ -10,7 +10,10 @@ reference (KVCache.write / gather) and the Triton kernels. KVCache holds, per la
   (max 448 for e4m3, 57344 for e5m2) and cast with round-to-nearest; nothing becomes inf or NaN.
   Static scales add no bytes per token.
 - int4: `k[layer]`, `v[layer]` as uint8 [blocks, block_size, kv_heads, head_dim // 2], two values
-  a byte along head_dim, low nibble first (element 2i in bits 0-3, 2i + 1 in bits 4-7);
+  a byte, in quarters: with Q = head_dim // 4, the 16-bit word c (bytes 2c, 2c + 1) holds channels
+  c, c + Q, c + 2Q, c + 3Q in nibbles 0..3 (low nibble first). Kernels read the words and split
+  them into four tiles that are each a contiguous quarter of the head, so that a quarter lies in
+  one scale group (or holds whole groups) and its dot product takes one group scale per key;
   asymmetric per token, per head and per group of `group_size` channels: x = (q - zero) * scale,
   q in 0..15, with scale and zero float16 each in `k_group_scale[layer]`, `k_group_zero[layer]`
   (and v_...), [blocks, block_size, kv_heads, head_dim // group_size] apiece. A group's scale is
@@ -115,15 +118,17 @@ def quantize_int4(
     scale = torch.maximum((hi - lo) / 15, floor).clamp(f16.tiny, f16.max).half()
     zero = (-lo / scale.float()).clamp(-f16.max, f16.max).half()
     q = torch.floor(g / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1) + 0.5)
-    q = q.clamp(0, 15).to(torch.uint8).reshape(t, h, d // 2, 2)
-    return q[..., 0] | (q[..., 1] << 4), scale, zero
+    q = q.clamp(0, 15).to(torch.uint8).reshape(t, h, 4, d // 4).transpose(-1, -2)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(t, h, d // 2), scale, zero
 
 
 def dequantize_int4(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Packed uint8 [T, H, D // 2] with float16 scale, zero [T, H, G] -> x [T, H, D] in dtype."""
-    t, h, _ = packed.shape
-    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(t, h, scale.shape[-1], -1)
+    t, h, half = packed.shape
+    pairs = packed.reshape(t, h, half // 2, 2)  # [word c, byte]
+    q = torch.stack((pairs & 15, pairs >> 4), dim=-1).reshape(t, h, half // 2, 4)
+    q = q.transpose(-1, -2).reshape(t, h, scale.shape[-1], -1)  # quarters back in channel order
     x = (q.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
     return x.reshape(t, h, -1).to(dtype)

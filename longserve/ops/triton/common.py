@@ -1,8 +1,8 @@
 """Tile loaders shared by the attention kernels: one tile of paged K or V, dequantized.
 
-Int4 tiles come back as two halves, the low nibbles (even channels) and the high nibbles (odd
-channels), so that no kernel has to interleave them: q . k = q_even . k_lo + q_odd . k_hi, and
-p @ v is written back to the even and odd output channels.
+Int4 tiles come back as two halves, the low and the high nibbles of each byte, whose channels
+int4_channels names (kv/quant.py's word layout), so that no kernel has to interleave them:
+q . k = q_lo . k_lo + q_hi . k_hi, and p @ v is written back to those channels.
 """
 
 from __future__ import annotations
@@ -23,19 +23,33 @@ def load_tile(X, row, nmask, d, dtype: tl.constexpr):
 
 
 @triton.jit
+def int4_channels(j, D: tl.constexpr):
+    """Channels of the low and the high nibbles of int4 bytes j: byte 2c + i of a row holds
+    channels c + 2i * D/4 and c + (2i + 1) * D/4."""
+    lo = j // 2 + (j % 2) * (D // 2)
+    return lo, lo + D // 4
+
+
+@triton.jit
 def load_int4_tile(
-    X, XS, XZ, row, prow, nmask, j, dtype: tl.constexpr, HALF_GROUP: tl.constexpr, NG: tl.constexpr
-):
-    """Even and odd channels of an int4 tile, [BN, D/2] each: x = (q - zero) * scale per group."""
+    X, XS, XZ, row, prow, nmask, j, dtype: tl.constexpr, D: tl.constexpr, QGS: tl.constexpr
+):  # fmt: skip
+    """Low and high nibbles of an int4 tile, [BN, D/2] each: x = (q - zero) * scale per group."""
     x = tl.load(X + row[:, None] + j[None, :], mask=nmask[:, None], other=0)
-    lo = (x & 15).to(tl.float32)
-    hi = (x >> 4).to(tl.float32)
-    grp = (j // HALF_GROUP)[None, :]
-    sc = tl.zeros(lo.shape, tl.float32)
-    zr = tl.zeros(lo.shape, tl.float32)
-    for g in tl.static_range(NG):
-        s_g = tl.load(XS + prow + g, mask=nmask, other=0.0).to(tl.float32)
-        z_g = tl.load(XZ + prow + g, mask=nmask, other=0.0).to(tl.float32)
-        sc = tl.where(grp == g, s_g[:, None], sc)
-        zr = tl.where(grp == g, z_g[:, None], zr)
-    return ((lo - zr) * sc).to(dtype), ((hi - zr) * sc).to(dtype)
+    ch_lo, ch_hi = int4_channels(j, D)
+    g_lo = (ch_lo // QGS)[None, :]
+    g_hi = (ch_hi // QGS)[None, :]
+    sc_lo = tl.zeros(x.shape, tl.float32)
+    zr_lo = tl.zeros(x.shape, tl.float32)
+    sc_hi = tl.zeros(x.shape, tl.float32)
+    zr_hi = tl.zeros(x.shape, tl.float32)
+    for g in tl.static_range(D // QGS):
+        s_g = tl.load(XS + prow + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        z_g = tl.load(XZ + prow + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        sc_lo = tl.where(g_lo == g, s_g, sc_lo)
+        zr_lo = tl.where(g_lo == g, z_g, zr_lo)
+        sc_hi = tl.where(g_hi == g, s_g, sc_hi)
+        zr_hi = tl.where(g_hi == g, z_g, zr_hi)
+    lo = ((x & 15).to(tl.float32) - zr_lo) * sc_lo
+    hi = ((x >> 4).to(tl.float32) - zr_hi) * sc_hi
+    return lo.to(dtype), hi.to(dtype)

@@ -9,11 +9,13 @@ The number of slices depends only on the batch size and a length bound, and each
 is derived in the kernel from the sequence's own length: one launch shape serves every length,
 which is what a CUDA graph needs.
 
-Quantized K/V are read as words of four channels (fp8: uint32, int4: uint16) and split in
-registers into four phase tiles, channels 4c + t, that feed the tensor cores in fp16: an 8-bit
+Quantized V (fp8) and K/V (int4) are read as words of four channels (fp8: uint32, int4: uint16)
+and split in registers into four phase tiles that feed the tensor cores in fp16: an 8-bit
 [keys, channels] V tile as the B operand of p @ v cannot take the transposing ldmatrix path and
-was read from shared memory byte by byte. Int4 dots run on nibble - 8, with group scales and
-zeros applied to the small score and probability tiles.
+was read from shared memory byte by byte. An fp8 word holds channels 4c .. 4c+3; an int4 word
+one channel of each quarter of the head (kv/quant.py), so that an int4 phase tile is a quarter:
+one scale group per key, or whole groups. Int4 dots run on the bare nibbles as fp16 subnormals;
+group scales and zeros touch only the small score and probability tiles.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import triton
 import triton.language as tl
 
 from longserve.ops.triton.common import INTERPRET, load_tile
-from longserve.ops.triton.kv import PagedKV, decode_block_n
+from longserve.ops.triton.kv import PagedKV, decode_config
 
 
 @triton.jit
 def _words(X, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT: tl.constexpr, BS: tl.constexpr):
-    """A [BN, D/4] tile of a quantized pool as words of four channels: uint32 for fp8 (bytes),
-    uint16 for int4 (nibbles). Word c of a row holds channels 4c .. 4c+3."""
+    """A [BN, D/4] tile of a quantized pool as words of four channels: uint32 for fp8 (bytes
+    4c .. 4c+3), uint16 for int4 (nibbles of channels c, c + D/4, c + D/2, c + 3D/4)."""
     if FMT == 1:
         W = X.to(tl.pointer_type(tl.uint32))
         row = blk * (s_kb // 4) + (n % BS) * (s_ks // 4) + kvh * (s_kh // 4)
@@ -37,6 +39,12 @@ def _words(X, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT: tl.constexpr, BS: tl
         W = X.to(tl.pointer_type(tl.uint16))
         row = blk * (s_kb // 2) + (n % BS) * (s_ks // 2) + kvh * (s_kh // 2)
     return tl.load(W + row[:, None] + c[None, :], mask=nmask[:, None], other=0)
+
+
+@triton.jit
+def _chan(c, t: tl.constexpr, FMT: tl.constexpr, D: tl.constexpr):
+    """The channels of phase tile t: 4c + t for fp8, quarter t of the head for int4."""
+    return c + t * (D // 4) if FMT == 2 else 4 * c + t
 
 
 def _fp8_ptx(fmt: str) -> tl.constexpr:
@@ -58,50 +66,103 @@ def _fp8_pairs(w, PTX: tl.constexpr):
 
 @triton.jit
 def _phases(w, FMT: tl.constexpr, F8: tl.constexpr, ASM: tl.constexpr):
-    """The four phase tiles of a word tile, in fp16: tile t holds channels 4c + t, as the fp8
-    value or the int4 nibble - 8 (exact in fp16; centred, so that tensor-core sums over long
-    tiles stay small: with 1024 + nibble the offsets lost 4% of a 128K-token output).
+    """The four phase tiles of a word tile, in fp16: tile t holds byte or nibble t of each word.
 
-    With ASM, inline PTX converts two words (neighbours along the dot's reduction axis) at a
-    time into the packed fp16 pairs the tensor cores take: int4 in a shift, a lop3 and a
-    sub.f16x2 per pair of values, fp8 in one prmt per two pairs and the hardware's fp8x2
-    conversion. Without
-    it (Triton's interpreter runs no PTX) the same values come from plain integer ops.
+    fp8: the value. With ASM, inline PTX converts two words (neighbours along the dot's reduction
+    axis) at a time: one prmt per two pairs and the hardware's fp8x2 -> f16x2 conversion.
+    int4: the nibble's own bits read as an fp16 subnormal, nib * 2^-24 (nibbles 1 and 3 sit four
+    bits up: 16 x that), exact, with no offset for the tensor cores' sums to cancel (1024 + nib
+    lost 4% of a 128K-token output). With ASM two words share a register: four ANDs and one
+    shift give four f16x2 pairs; Triton's own 16-bit ops would pack them one by one.
+    Without ASM (Triton's interpreter runs no PTX) the same values come from plain integer ops.
     """
-    if ASM:
-        if FMT == 2:
-            # two uint16 words in one register: each nibble plane masked and ORed into 1024.0,
-            # then 1032.0 taken away
-            x = tl.inline_asm_elementwise(
-                """{ .reg .b32 t, m; mov.b32 m, 0x64086408;
-                lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA; sub.f16x2 $0, t, m;
-                shr.b32 t, $4, 4; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; sub.f16x2 $1, t, m;
-                shr.b32 t, $4, 8; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; sub.f16x2 $2, t, m;
-                shr.b32 t, $4, 12; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; sub.f16x2 $3, t, m;
-                }""",
-                "=r,=r,=r,=r,r", [w], (tl.float16,) * 4, True, 2,
-            )  # fmt: skip
-        else:
-            # bytes t of the two words side by side, then fp8x2 -> f16x2
-            x = _fp8_pairs(w, _PTX_E5M2 if F8.is_fp8e5() else _PTX_E4M3)
-        x0, x1, x2, x3 = x
-    elif FMT == 1:
+    if FMT == 2 and ASM:
+        # two uint16 words in one register: four ANDs and a shift make four f16x2 pairs
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            """{ .reg .b32 t; and.b32 $0, $4, 0x000F000F; and.b32 $1, $4, 0x00F000F0;
+            shr.b32 t, $4, 8; and.b32 $2, t, 0x000F000F; and.b32 $3, t, 0x00F000F0; }""",
+            "=r,=r,=r,=r,r", [w], (tl.float16,) * 4, True, 2,
+        )  # fmt: skip
+    elif FMT == 2:
+        # each nibble's bits as an fp16 subnormal: nib * 2^-24, or nib * 2^-20 in bits 4-7
+        x0 = (w & 0xF).to(tl.float16, bitcast=True)
+        x1 = (w & 0xF0).to(tl.float16, bitcast=True)
+        x2 = ((w >> 8) & 0xF).to(tl.float16, bitcast=True)
+        x3 = ((w >> 8) & 0xF0).to(tl.float16, bitcast=True)
+    elif ASM:
+        # bytes t of the two words side by side, then fp8x2 -> f16x2
+        x0, x1, x2, x3 = _fp8_pairs(w, _PTX_E5M2 if F8.is_fp8e5() else _PTX_E4M3)
+    else:
         x0 = (w & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
         x1 = ((w >> 8) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
         x2 = ((w >> 16) & 0xFF).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
         x3 = (w >> 24).to(tl.uint8).to(F8, bitcast=True).to(tl.float16)
-    else:
-        x0 = ((w & 15).to(tl.float32) - 8.0).to(tl.float16)
-        x1 = (((w >> 4) & 15).to(tl.float32) - 8.0).to(tl.float16)
-        x2 = (((w >> 8) & 15).to(tl.float32) - 8.0).to(tl.float16)
-        x3 = ((w >> 12).to(tl.float32) - 8.0).to(tl.float16)
     return x0, x1, x2, x3
 
 
+_TINY: tl.constexpr = tl.constexpr(2.0**-24)  # an fp16 subnormal's unit: int4 phases count in it
+
+
 @triton.jit
-def _group(x, gi, g: tl.constexpr):
+def _col(x, gi, g: tl.constexpr):
     """Column g of a [rows, groups] tile."""
     return tl.sum(tl.where(gi[None, :] == g, x, 0.0), 1)
+
+
+@triton.jit
+def _int4_scores(
+    qs, ks, k_sc, k_zr, q_sums, gi, c, D: tl.constexpr, QGS: tl.constexpr, GP, BN
+):  # fmt: skip
+    """Scores from int4 quarters, group by group: q . k = scale * (q . nib - zero * sum(q)), the
+    dots in units of 2^-24 (_phases; odd quarters of q come divided by 16), the group's scale
+    and zero one FMA each on the score tile. A group spans whole quarters or lies in one (its
+    dot then masked to its channels)."""
+    QPG: tl.constexpr = (QGS + D // 4 - 1) // (D // 4)  # quarters a group spans
+    SUB: tl.constexpr = (D // 4 + QGS - 1) // QGS  # groups in a quarter
+    s = tl.zeros([GP, BN], tl.float32)
+    for gr in tl.static_range(D // QGS):
+        raw = tl.zeros([GP, BN], tl.float32)
+        for i in tl.static_range(QPG):
+            q_u = qs[gr // SUB * QPG + i]
+            if SUB > 1:
+                q_u = tl.where((c // QGS == gr % SUB)[None, :], q_u, 0.0)
+            raw = tl.dot(q_u, ks[gr // SUB * QPG + i], raw)
+        zq = _col(k_zr, gi, gr)[None, :] * _col(q_sums, gi, gr)[:, None]
+        s += _col(k_sc, gi, gr)[None, :] * (raw - zq)
+    return s
+
+
+@triton.jit
+def _pv(a, pw, v, off, c, j, QGS: tl.constexpr, SUB: tl.constexpr):
+    """a + pw @ v - off, over the channels of group j of the quarter when it holds several."""
+    if SUB > 1:
+        a += tl.where((c // QGS == j)[None, :], tl.dot(pw, v) - off, 0.0)
+    else:
+        a = tl.dot(pw, v, a) - off
+    return a
+
+
+@triton.jit
+def _int4_values(accs, p, vs, v_sc, v_zr, gi, c, D: tl.constexpr, QGS: tl.constexpr):
+    """accs + p @ v over int4 quarters, group by group: (p * scale) @ nib - sum(p * scale *
+    zero), in units of 2^-24 (odd quarters 16 times that), with p * scale rounded to fp16 once
+    so that both terms take the same weights."""
+    QPG: tl.constexpr = (QGS + D // 4 - 1) // (D // 4)
+    SUB: tl.constexpr = (D // 4 + QGS - 1) // QGS
+    a0, a1, a2, a3 = accs
+    for gr in tl.static_range(D // QGS):
+        pw = (p * _col(v_sc, gi, gr)[None, :]).to(tl.float16)
+        off = tl.sum(pw.to(tl.float32) * _col(v_zr, gi, gr)[None, :], 1)[:, None]
+        for i in tl.static_range(QPG):
+            if gr // SUB * QPG + i == 0:
+                a0 = _pv(a0, pw, vs[0], off, c, gr % SUB, QGS, SUB)
+            if gr // SUB * QPG + i == 1:
+                a1 = _pv(a1, pw, vs[1], off * 16.0, c, gr % SUB, QGS, SUB)
+            if gr // SUB * QPG + i == 2:
+                a2 = _pv(a2, pw, vs[2], off, c, gr % SUB, QGS, SUB)
+            if gr // SUB * QPG + i == 3:
+                a3 = _pv(a3, pw, vs[3], off * 16.0, c, gr % SUB, QGS, SUB)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -137,47 +198,53 @@ def _decode_kernel(
     d = tl.arange(0, D)
     c = tl.arange(0, D // 4)
     q = tl.load(q_row + d[None, :], mask=gmask[:, None], other=0.0)
-    if FMT != 0:
-        q = q.to(tl.float16)
     acc = tl.zeros([GP, D], tl.float32)
     a0 = tl.zeros([GP, D // 4], tl.float32)
     a1 = tl.zeros([GP, D // 4], tl.float32)
     a2 = tl.zeros([GP, D // 4], tl.float32)
     a3 = tl.zeros([GP, D // 4], tl.float32)
+    if FMT != 0:
+        q = q.to(tl.float16)
     if FMT == 2:
-        # int4 dots run on the raw nibbles; a group's scale and zero then touch only the small
-        # score and probability tiles: q . k = scale * (q_g . (nib - 8) - (zero - 8) sum q_g).
-        NG: tl.constexpr = D // QGS
-        gi = tl.arange(0, NG)
-        colg = c // (QGS // 4)
-        q0 = tl.load(q_row + 4 * c[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
-        q1 = tl.load(q_row + 4 * c[None, :] + 1, mask=gmask[:, None], other=0.0).to(tl.float16)
-        q2 = tl.load(q_row + 4 * c[None, :] + 2, mask=gmask[:, None], other=0.0).to(tl.float16)
-        q3 = tl.load(q_row + 4 * c[None, :] + 3, mask=gmask[:, None], other=0.0).to(tl.float16)
-        q_sum = tl.sum(tl.reshape(q.to(tl.float32), [GP, NG, QGS]), 2)
+        # int4 quarters of q; phases 1 and 3 count nibbles in 16 x 2^-24 (_phases), so their q
+        # takes 1/16
+        q0 = tl.load(q_row + _chan(c, 0, FMT, D)[None, :], mask=gmask[:, None], other=0.0)
+        q1 = tl.load(q_row + _chan(c, 1, FMT, D)[None, :], mask=gmask[:, None], other=0.0)
+        q2 = tl.load(q_row + _chan(c, 2, FMT, D)[None, :], mask=gmask[:, None], other=0.0)
+        q3 = tl.load(q_row + _chan(c, 3, FMT, D)[None, :], mask=gmask[:, None], other=0.0)
+        qs = (
+            q0.to(tl.float16),
+            (q1 * 0.0625).to(tl.float16),
+            q2.to(tl.float16),
+            (q3 * 0.0625).to(tl.float16),
+        )
+        q_sums = tl.sum(tl.reshape(q.to(tl.float32), [GP, D // QGS, QGS]), 2)
+        gi = tl.arange(0, D // QGS)
+        v_scale = 1.0 / _TINY
 
     for n0 in tl.range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         nmask = n < end
         blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
-        if FMT == 2:
-            prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, NG)  # see PagedKV
-            pg = prow[:, None] + gi[None, :]
-            k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) - 8.0
-            wk = _words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
-            k0, k1, k2, k3 = _phases(tl.trans(wk), FMT, F8, ASM)
-            s = tl.zeros([GP, BN], tl.float32)
-            for gr in tl.static_range(NG):
-                sel = (colg == gr)[None, :]
-                raw = tl.dot(tl.where(sel, q0, 0.0), k0) + tl.dot(tl.where(sel, q1, 0.0), k1)
-                raw += tl.dot(tl.where(sel, q2, 0.0), k2) + tl.dot(tl.where(sel, q3, 0.0), k3)
-                zq = _group(k_zr, gi, gr)[None, :] * _group(q_sum, gi, gr)[:, None]
-                s += _group(k_sc, gi, gr)[None, :] * (raw - zq)
-        else:
+        if FMT != 2:
             row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh
-            s = tl.dot(q, tl.trans(load_tile(K, row, nmask, d, q.dtype)))
-        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+            s = tl.dot(q, tl.trans(load_tile(K, row, nmask, d, q.dtype))) * qk_scale
+        else:
+            # int4 dots run on the nibbles; a group's scale and zero then touch only the small
+            # score and probability tiles
+            prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, D // QGS)
+            pg = prow[:, None] + gi[None, :]  # see PagedKV: rows of whole groups
+            ks = _phases(
+                tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)), FMT, F8, ASM
+            )
+            k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) * _TINY
+            # the value parameters load here, long before their use: Triton's pipeliner leaves
+            # the zeros (no dot operand hangs on them) to a plain load
+            v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+            v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) * _TINY
+            s = _int4_scores(qs, ks, k_sc * (qk_scale / _TINY), k_zr, q_sums, gi, c, D, QGS, GP, BN)
+        s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -187,31 +254,23 @@ def _decode_kernel(
             v = load_tile(V, row, nmask, d, q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         else:
-            wv = _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)
-            v0, v1, v2, v3 = _phases(wv, FMT, F8, ASM)
+            v0, v1, v2, v3 = _phases(
+                _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS), FMT, F8, ASM
+            )
             a0 = a0 * alpha[:, None]
             a1 = a1 * alpha[:, None]
             a2 = a2 * alpha[:, None]
             a3 = a3 * alpha[:, None]
             if FMT == 1:
                 p16 = p.to(tl.float16)
-                a0 += tl.dot(p16, v0)
-                a1 += tl.dot(p16, v1)
-                a2 += tl.dot(p16, v2)
-                a3 += tl.dot(p16, v3)
+                a0 = tl.dot(p16, v0, a0)
+                a1 = tl.dot(p16, v1, a1)
+                a2 = tl.dot(p16, v2, a2)
+                a3 = tl.dot(p16, v3, a3)
             else:
-                # Per group: (p * scale) @ (nib - 8) - sum(p * scale * (zero - 8)), with p * scale
-                # rounded to fp16 once so that both terms take the same weights.
-                v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-                v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) - 8.0
-                for gr in tl.static_range(NG):
-                    pw = (p * _group(v_sc, gi, gr)[None, :]).to(tl.float16)
-                    off = tl.sum(pw.to(tl.float32) * _group(v_zr, gi, gr)[None, :], 1)[:, None]
-                    sel = (colg == gr)[None, :]
-                    a0 += tl.where(sel, tl.dot(pw, v0) - off, 0.0)
-                    a1 += tl.where(sel, tl.dot(pw, v1) - off, 0.0)
-                    a2 += tl.where(sel, tl.dot(pw, v2) - off, 0.0)
-                    a3 += tl.where(sel, tl.dot(pw, v3) - off, 0.0)
+                a0, a1, a2, a3 = _int4_values(
+                    (a0, a1, a2, a3), p, (v0, v1, v2, v3), v_sc, v_zr, gi, c, D, QGS
+                )
 
     inv = tl.where(l_i > 0, v_scale / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
@@ -220,10 +279,11 @@ def _decode_kernel(
     if FMT == 0:
         tl.store(o_row + d[None, :], acc * inv[:, None], mask=gmask[:, None])
     else:
-        tl.store(o_row + 4 * c[None, :], a0 * inv[:, None], mask=gmask[:, None])
-        tl.store(o_row + 4 * c[None, :] + 1, a1 * inv[:, None], mask=gmask[:, None])
-        tl.store(o_row + 4 * c[None, :] + 2, a2 * inv[:, None], mask=gmask[:, None])
-        tl.store(o_row + 4 * c[None, :] + 3, a3 * inv[:, None], mask=gmask[:, None])
+        odd = inv * (0.0625 if FMT == 2 else 1.0)  # int4's odd quarters: 16 x the unit
+        tl.store(o_row + _chan(c, 0, FMT, D)[None, :], a0 * inv[:, None], mask=gmask[:, None])
+        tl.store(o_row + _chan(c, 1, FMT, D)[None, :], a1 * odd[:, None], mask=gmask[:, None])
+        tl.store(o_row + _chan(c, 2, FMT, D)[None, :], a2 * inv[:, None], mask=gmask[:, None])
+        tl.store(o_row + _chan(c, 3, FMT, D)[None, :], a3 * odd[:, None], mask=gmask[:, None])
 
 
 @triton.jit
@@ -269,19 +329,20 @@ def paged_decode(
     max_seq_len: int,
     splits: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """q [B, Hq, D], one query per sequence at its last position -> out [B, Hq, D].
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
-    included); max_seq_len bounds seq_lens and fixes the number of slices. splits and block_n
-    default to num_splits and decode_block_n.
+    included); max_seq_len bounds seq_lens and fixes the number of slices. splits defaults to
+    num_splits, block_n and num_warps to decode_config.
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv
-    block_n = block_n or decode_block_n(kv.fmt)
+    block_n = block_n or decode_config(kv.fmt)["block_n"]
+    num_warps = num_warps or decode_config(kv.fmt)["num_warps"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)

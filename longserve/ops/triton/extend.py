@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longserve.ops.triton.common import load_int4_tile, load_tile
+from longserve.ops.triton.common import int4_channels, load_int4_tile, load_tile
 from longserve.ops.triton.kv import PagedKV, extend_config
 
 
@@ -29,7 +29,7 @@ def _attend(
 ):  # fmt: skip
     """Online softmax over key tiles [start, end).
 
-    For int4, q/acc hold the even channels and qo/acc_o the odd ones.
+    For int4, q/acc hold the low nibbles' channels and qo/acc_o the high ones' (common.py).
     """
     for n0 in tl.range(start, end, BN):
         n = n0 + tl.arange(0, BN)
@@ -39,7 +39,7 @@ def _attend(
         if FMT == 2:
             j = tl.arange(0, D // 2)
             prow = blk * s_pb + (n % BS) * s_ps + kvh * s_ph
-            k_lo, k_hi = load_int4_tile(K, KS, KZ, row, prow, nmask, j, q.dtype, QGS // 2, D // QGS)
+            k_lo, k_hi = load_int4_tile(K, KS, KZ, row, prow, nmask, j, q.dtype, D, QGS)
             s = tl.dot(q, tl.trans(k_lo)) + tl.dot(qo, tl.trans(k_hi))
         else:
             d = tl.arange(0, D)
@@ -54,7 +54,7 @@ def _attend(
         m_i = m_new
         p = p.to(q.dtype)
         if FMT == 2:
-            v_lo, v_hi = load_int4_tile(V, VS, VZ, row, prow, nmask, j, q.dtype, QGS // 2, D // QGS)
+            v_lo, v_hi = load_int4_tile(V, VS, VZ, row, prow, nmask, j, q.dtype, D, QGS)
             acc = acc * alpha[:, None] + tl.dot(p, v_lo)
             acc_o = acc_o * alpha[:, None] + tl.dot(p, v_hi)
         else:
@@ -97,9 +97,9 @@ def _extend_kernel(
             + (kvh * GROUP + r % GROUP)[:, None] * s_oh
         )
         if FMT == 2:
-            j = tl.arange(0, D // 2)
-            q = tl.load(q_row + 2 * j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
-            qo = tl.load(q_row + 2 * j[None, :] + 1, mask=rmask[:, None], other=0.0).to(tl.float16)
+            ch_lo, ch_hi = int4_channels(tl.arange(0, D // 2), D)
+            q = tl.load(q_row + ch_lo[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+            qo = tl.load(q_row + ch_hi[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
             acc = tl.zeros([BM, D // 2], tl.float32)
             acc_o = tl.zeros([BM, D // 2], tl.float32)
         else:
@@ -126,12 +126,12 @@ def _extend_kernel(
         inv = v_scale / l_i
         if FMT == 2:
             tl.store(
-                o_row + 2 * j[None, :],
+                o_row + ch_lo[None, :],
                 (acc * inv[:, None]).to(OUT.dtype.element_ty),
                 mask=rmask[:, None],
             )
             tl.store(
-                o_row + 2 * j[None, :] + 1,
+                o_row + ch_hi[None, :],
                 (acc_o * inv[:, None]).to(OUT.dtype.element_ty),
                 mask=rmask[:, None],
             )

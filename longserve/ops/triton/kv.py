@@ -5,9 +5,10 @@ Formats (the layout contract of kv/quant.py):
 - PLAIN: bf16 / fp16 pools [blocks, block_size, kv_heads, head_dim].
 - FP8: float8 e4m3 / e5m2 pools of that shape; static scales x = q * scale, one float32 per KV
   head (a per-tensor scale is the same number for every head, expanded with stride 0).
-- INT4: uint8 pools [blocks, block_size, kv_heads, head_dim // 2], low nibble first; float16
-  scale and zero pools [blocks, block_size, kv_heads, head_dim // group_size];
-  x = (q - zero) * scale.
+- INT4: uint8 pools [blocks, block_size, kv_heads, head_dim // 2], 16-bit word c holding channels
+  c + j * head_dim / 4 in nibble j; float16 scale and zero pools [blocks, block_size, kv_heads,
+  head_dim // group_size]; x = (q - zero) * scale. A quarter of the head must lie in one group
+  or hold whole groups.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ class PagedKV:
             self.k_scale = _per_head(self.k_scale, heads)
             self.v_scale = _per_head(self.v_scale, heads)
         if self.fmt == INT4:
-            if self.group_size % 4:
-                raise ValueError("int4 kernels need groups of a multiple of 4 channels")
+            quarter, g = self.head_dim // 4, self.group_size
+            if g % 4 or (g % quarter and quarter % g):
+                raise ValueError(
+                    f"int4 kernels need groups of a multiple of 4 channels that a quarter of "
+                    f"head_dim {self.head_dim} lies in or divides into; got {g}"
+                )
             st = self.k_scale.stride()
             if (
                 st != self.k_zero.stride()
@@ -84,11 +89,15 @@ class PagedKV:
         return (k, v, ks, vs, kz, vz, *k.stride()[:3], *ps, sh)
 
 
-def decode_block_n(fmt: int) -> int:
-    """Keys per tile of the decode kernel, the best of the H200 sweep (docs/kernels.md): 64 for
-    bf16/fp16, 128 for fp8, 256 for int4 (the fewer bytes a key takes, the longer the tile that
-    keeps enough of them in flight)."""
-    return {PLAIN: 64, FP8: 128, INT4: 256}[fmt]
+def decode_config(fmt: int) -> dict:
+    """Keys per tile and warps of the decode kernel, the best of the H200 sweeps (docs/kernels.md):
+    64 keys for bf16/fp16 and 128 for fp8 with 4 warps; 128 for int4 with 2 (its scale tiles and
+    layout changes sync the warps of a program often, and small programs wait less on each other)."""
+    return {
+        PLAIN: dict(block_n=64, num_warps=4),
+        FP8: dict(block_n=128, num_warps=4),
+        INT4: dict(block_n=128, num_warps=2),
+    }[fmt]
 
 
 def extend_config(dim: int, group: int) -> dict:

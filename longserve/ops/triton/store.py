@@ -28,22 +28,23 @@ def _store_one(
     FMT: tl.constexpr, D: tl.constexpr, QGS: tl.constexpr,
 ):  # fmt: skip
     if FMT == 2:
-        # [groups, half a group]: even channels are low nibbles, odd ones high nibbles
+        # [groups, group] in channel order for the statistics, then nibbles regrouped into the
+        # words of kv/quant.py: word c holds channels c + j * D / 4, two a byte
         g = tl.arange(0, D // QGS)[:, None]
-        j = tl.arange(0, QGS // 2)[None, :]
-        lo = tl.load(X + g * QGS + 2 * j).to(tl.float32)
-        hi = tl.load(X + g * QGS + 2 * j + 1).to(tl.float32)
-        mn = tl.minimum(tl.min(lo, 1), tl.min(hi, 1))
-        mx = tl.maximum(tl.max(lo, 1), tl.max(hi, 1))
+        x = tl.load(X + g * QGS + tl.arange(0, QGS)[None, :]).to(tl.float32)
+        mn = tl.min(x, 1)
+        mx = tl.max(x, 1)
         floor = tl.math.div_rn(tl.maximum(tl.abs(mn), tl.abs(mx)), 1024.0)
         scale = tl.maximum(tl.math.div_rn(mx - mn, 15.0), floor)
         scale = tl.minimum(tl.maximum(scale, 6.103515625e-05), 65504.0)
         scale = scale.to(tl.float16).to(tl.float32)
         zero = tl.minimum(tl.maximum(tl.math.div_rn(-mn, scale), -65504.0), 65504.0)
         zero = zero.to(tl.float16).to(tl.float32)
-        ql = _nibble(tl.math.div_rn(lo, scale[:, None]) + zero[:, None])
-        qh = _nibble(tl.math.div_rn(hi, scale[:, None]) + zero[:, None])
-        tl.store(C + row + g * (QGS // 2) + j, ql | (qh << 4))
+        q = _nibble(tl.math.div_rn(x, scale[:, None]) + zero[:, None])
+        q = tl.reshape(tl.trans(tl.reshape(q, [4, D // 4])), [D // 4, 2, 2])  # [c, byte, nibble]
+        lo, hi = tl.split(q)
+        byte = 2 * tl.arange(0, D // 4)[:, None] + tl.arange(0, 2)[None, :]
+        tl.store(C + row + byte, lo | (hi << 4))
         gg = tl.arange(0, D // QGS)
         tl.store(CS + prow + gg, scale.to(tl.float16))
         tl.store(CZ + prow + gg, zero.to(tl.float16))

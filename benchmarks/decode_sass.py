@@ -1,0 +1,153 @@
+"""Compile the paged decode kernel for the H200 (sm_90a) on a machine without a GPU and count the
+instructions of its main loop: where docs/kernels.md's instruction counts come from.
+
+Triton compiles for whatever target its driver names; a stand-in driver names sm_90 and nothing
+runs. cuobjdump, shipped in Triton's wheel, prints the SASS and the resource usage; the loop is
+the body of the longest backward branch. Needs Triton (not part of `make setup`).
+
+    python benchmarks/decode_sass.py --format int4 --block-n 128 --num-warps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are defined: compile, not interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from longserve.ops.triton import PagedKV, paged_decode  # noqa: E402
+from longserve.ops.triton.kv import decode_config  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+HQ, HKV, D, BS = 64, 8, 128, 16  # Llama-3.3-70B's layer, as in triton_bench.py
+
+
+class _H200Target:
+    """Just enough of a driver for Triton to compile for sm_90 and launch nothing."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def pools(fmt: str, blocks: int) -> PagedKV:
+    """Zero pools in a format (the values do not matter to the compiler)."""
+    shape = (blocks, BS, HKV, D)
+    if fmt == "bf16":
+        return PagedKV(
+            torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
+        )
+    if fmt == "fp8_e4m3":
+        k = torch.zeros(shape, dtype=torch.float8_e4m3fn)
+        return PagedKV(k, k.clone(), torch.ones(HKV), torch.ones(HKV))
+    packed, params = (*shape[:3], D // 2), (*shape[:3], D // 64)
+    p = [torch.ones(params, dtype=torch.float16) for _ in range(4)]
+    return PagedKV(
+        torch.zeros(packed, dtype=torch.uint8), torch.zeros(packed, dtype=torch.uint8), *p
+    )
+
+
+def compile_decode(fmt: str, **launch) -> object:  # noqa: ANN003
+    """The compiled decode kernel for one launch configuration."""
+    kernels = {}
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        kernels[self.__name__] = run(self, *args, grid=grid, warmup=True, **kw)
+        return kernels[self.__name__]
+
+    driver.set_active(_H200Target())
+    JITFunction.run = compile_only
+    try:
+        batch = 8
+        table = torch.arange(batch * 4, dtype=torch.int32).view(batch, 4)
+        seq = torch.full((batch,), 64, dtype=torch.int32)
+        q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
+        paged_decode(q, pools(fmt, batch * 4), table, seq, D**-0.5, 131072, **launch)
+    finally:
+        JITFunction.run = run
+    return kernels["_decode_kernel"]
+
+
+def loop_ops(sass: str) -> collections.Counter:
+    """Opcodes of the body of the longest backward branch (the key loop)."""
+    lines = [
+        (int(m.group(1), 16), m.group(2))
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
+    ]
+    loops = []
+    for at, ins in lines:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < at:
+            loops.append((int(m.group(1), 16), at))
+    start, end = max(loops, key=lambda x: x[1] - x[0])
+    return collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for at, ins in lines if start <= at <= end
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--format", default="int4", choices=["bf16", "fp8_e4m3", "int4"],
+                    help="KV format (int4: groups of 64)")  # fmt: skip
+    ap.add_argument("--block-n", type=int, help="keys per tile (default: decode_config's)")
+    ap.add_argument("--num-warps", type=int, help="warps a program (default: decode_config's)")
+    ap.add_argument("--num-stages", type=int, default=3, help="software-pipeline stages")
+    ap.add_argument("--top", type=int, default=20, help="opcodes to list")
+    args = ap.parse_args()
+    kernel = compile_decode(
+        args.format, block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "decode.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+
+        def dump(flag: str) -> str:
+            return subprocess.run(
+                [str(BIN / "cuobjdump"), flag, str(cubin)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+
+        usage = dict(re.findall(r"(REG|SHARED|LOCAL):(\d+)", dump("--dump-resource-usage")))
+        ops = loop_ops(dump("--dump-sass"))
+    out = {
+        "format": args.format,
+        "launch": {
+            "block_n": args.block_n or decode_config(pools(args.format, 1).fmt)["block_n"],
+            "num_warps": kernel.metadata.num_warps,
+            "num_stages": kernel.metadata.num_stages,
+        },  # fmt: skip
+        "registers": int(usage["REG"]),
+        "spill_bytes": int(usage["LOCAL"]),
+        "shared_bytes": kernel.metadata.shared,
+        "loop_instructions": sum(ops.values()),
+        "loop_barriers": ops["BAR.SYNC.DEFER_BLOCKING"],
+        "loop_top_ops": dict(ops.most_common(args.top)),
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ Triton compiles for whatever target its driver names; a stand-in driver names sm
 runs. cuobjdump, shipped in Triton's wheel, prints the SASS and the resource usage; the loop is
 the body of the longest backward branch. Needs Triton (not part of `make setup`).
 
-    python benchmarks/decode_sass.py --format int4 --block-n 128 --num-warps 2
+    python -m benchmarks.decode_sass --format int4 --block-n 128 --num-warps 2
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from longserve.ops.triton import PagedKV, paged_decode  # noqa: E402
-from longserve.ops.triton.kv import decode_config  # noqa: E402
+from benchmarks.triton_bench import HQ, D, paged_cache  # noqa: E402
+from longserve.ops.triton import paged_decode  # noqa: E402
+from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config  # noqa: E402
 
+FORMATS = {"bf16": PLAIN, "fp8_e4m3": FP8, "int4": INT4}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-HQ, HKV, D, BS = 64, 8, 128, 16  # Llama-3.3-70B's layer, as in triton_bench.py
 
 
 class _H200Target:
@@ -50,23 +51,6 @@ class _H200Target:
         return torch.device("cpu")
 
 
-def pools(fmt: str, blocks: int) -> PagedKV:
-    """Zero pools in a format (the values do not matter to the compiler)."""
-    shape = (blocks, BS, HKV, D)
-    if fmt == "bf16":
-        return PagedKV(
-            torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
-        )
-    if fmt == "fp8_e4m3":
-        k = torch.zeros(shape, dtype=torch.float8_e4m3fn)
-        return PagedKV(k, k.clone(), torch.ones(HKV), torch.ones(HKV))
-    packed, params = (*shape[:3], D // 2), (*shape[:3], D // 64)
-    p = [torch.ones(params, dtype=torch.float16) for _ in range(4)]
-    return PagedKV(
-        torch.zeros(packed, dtype=torch.uint8), torch.zeros(packed, dtype=torch.uint8), *p
-    )
-
-
 def compile_decode(fmt: str, **launch) -> object:  # noqa: ANN003
     """The compiled decode kernel for one launch configuration."""
     kernels = {}
@@ -83,7 +67,8 @@ def compile_decode(fmt: str, **launch) -> object:  # noqa: ANN003
         table = torch.arange(batch * 4, dtype=torch.int32).view(batch, 4)
         seq = torch.full((batch,), 64, dtype=torch.int32)
         q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
-        paged_decode(q, pools(fmt, batch * 4), table, seq, D**-0.5, 131072, **launch)
+        kv, _ = paged_cache(fmt, batch * 4, torch.device("cpu"))  # Llama-3.3-70B's layer
+        paged_decode(q, kv, table, seq, D**-0.5, 131072, **launch)
     finally:
         JITFunction.run = run
     return kernels["_decode_kernel"]
@@ -108,7 +93,7 @@ def loop_ops(sass: str) -> collections.Counter:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--format", default="int4", choices=["bf16", "fp8_e4m3", "int4"],
+    ap.add_argument("--format", default="int4", choices=list(FORMATS),
                     help="KV format (int4: groups of 64)")  # fmt: skip
     ap.add_argument("--block-n", type=int, help="keys per tile (default: decode_config's)")
     ap.add_argument("--num-warps", type=int, help="warps a program (default: decode_config's)")
@@ -135,7 +120,7 @@ def main() -> None:
     out = {
         "format": args.format,
         "launch": {
-            "block_n": args.block_n or decode_config(pools(args.format, 1).fmt)["block_n"],
+            "block_n": args.block_n or decode_config(FORMATS[args.format])["block_n"],
             "num_warps": kernel.metadata.num_warps,
             "num_stages": kernel.metadata.num_stages,
         },  # fmt: skip

@@ -80,25 +80,25 @@ def copy_ceiling() -> dict:
     return {"bytes": 2 * x.numel() * 4, "ms": ms, "tb_s": 2 * x.numel() * 4 / ms / 1e9}
 
 
-def paged_cache(fmt: str, blocks: int) -> tuple[PagedKV, int]:
+def paged_cache(fmt: str, blocks: int, device: torch.device = DEV) -> tuple[PagedKV, int]:
     """Random K/V pools of one layer in a format, and the bytes a token's K+V takes in it."""
     shape = (blocks, BS, HKV, D)
     if fmt == "bf16":
-        k = torch.randn(shape, dtype=torch.bfloat16, device=DEV)
+        k = torch.randn(shape, dtype=torch.bfloat16, device=device)
         return PagedKV(k, torch.randn_like(k)), 2 * HKV * D * 2
     if fmt == "fp8_e4m3":
-        k = torch.randn(shape, dtype=torch.bfloat16, device=DEV).to(torch.float8_e4m3fn)
-        v = torch.randn(shape, dtype=torch.bfloat16, device=DEV).to(torch.float8_e4m3fn)
-        s = torch.rand(2, HKV, device=DEV) * 0.01 + 0.001
+        k = torch.randn(shape, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
+        v = torch.randn(shape, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
+        s = torch.rand(2, HKV, device=device) * 0.01 + 0.001
         return PagedKV(k, v, s[0], s[1]), 2 * HKV * D
     pk = (*shape[:3], D // 2)
     pg = (*shape[:3], D // GROUP)
 
     def params() -> torch.Tensor:
-        return (torch.rand(pg, device=DEV) * 0.1 + 0.01).half()
+        return (torch.rand(pg, device=device) * 0.1 + 0.01).half()
 
-    k = torch.randint(0, 256, pk, dtype=torch.uint8, device=DEV)
-    v = torch.randint(0, 256, pk, dtype=torch.uint8, device=DEV)
+    k = torch.randint(0, 256, pk, dtype=torch.uint8, device=device)
+    v = torch.randint(0, 256, pk, dtype=torch.uint8, device=device)
     kv = PagedKV(k, v, params(), params(), params() * 100, params() * 100, GROUP)
     return kv, 2 * HKV * (D // 2 + D // GROUP * 4)
 

@@ -341,8 +341,9 @@ def paged_decode(
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv
-    block_n = block_n or decode_config(kv.fmt)["block_n"]
-    num_warps = num_warps or decode_config(kv.fmt)["num_warps"]
+    launch = decode_config(kv.fmt)
+    block_n = block_n or launch["block_n"]
+    num_warps = num_warps or launch["num_warps"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)

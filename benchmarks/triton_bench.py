@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from benchmarks.common import environment, write
+from longserve.kv.cache import paged_pool
 from longserve.ops.triton import PagedKV, paged_decode, paged_extend
 from longserve.ops.triton.decode import num_splits
 from longserve.ops.triton.kv import extend_config
@@ -81,24 +82,26 @@ def copy_ceiling() -> dict:
 
 
 def paged_cache(fmt: str, blocks: int, device: torch.device = DEV) -> tuple[PagedKV, int]:
-    """Random K/V pools of one layer in a format, and the bytes a token's K+V takes in it."""
-    shape = (blocks, BS, HKV, D)
+    """Random K/V pools of one layer in a format, laid out as the engine's cache lays them out
+    (paged_pool), and the bytes a token's K+V takes in it."""
+
+    def pool(dtype: torch.dtype, width: int = D) -> torch.Tensor:
+        return paged_pool(blocks, BS, HKV, width, dtype, device)
+
+    def randn(dtype: torch.dtype) -> torch.Tensor:
+        return pool(dtype).copy_(torch.randn(blocks, BS, HKV, D, device=device))
+
     if fmt == "bf16":
-        k = torch.randn(shape, dtype=torch.bfloat16, device=device)
-        return PagedKV(k, torch.randn_like(k)), 2 * HKV * D * 2
+        return PagedKV(randn(torch.bfloat16), randn(torch.bfloat16)), 2 * HKV * D * 2
     if fmt == "fp8_e4m3":
-        k = torch.randn(shape, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
-        v = torch.randn(shape, dtype=torch.bfloat16, device=device).to(torch.float8_e4m3fn)
         s = torch.rand(2, HKV, device=device) * 0.01 + 0.001
+        k, v = randn(torch.float8_e4m3fn), randn(torch.float8_e4m3fn)
         return PagedKV(k, v, s[0], s[1]), 2 * HKV * D
-    pk = (*shape[:3], D // 2)
-    pg = (*shape[:3], D // GROUP)
 
     def params() -> torch.Tensor:
-        return (torch.rand(pg, device=device) * 0.1 + 0.01).half()
+        return pool(torch.float16, D // GROUP).uniform_(0.01, 0.11)
 
-    k = torch.randint(0, 256, pk, dtype=torch.uint8, device=device)
-    v = torch.randint(0, 256, pk, dtype=torch.uint8, device=device)
+    k, v = pool(torch.uint8, D // 2).random_(0, 256), pool(torch.uint8, D // 2).random_(0, 256)
     kv = PagedKV(k, v, params(), params(), params() * 100, params() * 100, GROUP)
     return kv, 2 * HKV * (D // 2 + D // GROUP * 4)
 
@@ -140,8 +143,8 @@ def decode_point(length: int, batch: int) -> list[dict]:
         }
         if fmt == "bf16":
             bf16_ms, bf16_best = times[default], times[best]
-            k = kv.k[table.long()].view(batch, length, HKV, D).transpose(1, 2).contiguous()
-            v = kv.v[table.long()].view(batch, length, HKV, D).transpose(1, 2).contiguous()
+            k = kv.k[table.long()].reshape(batch, length, HKV, D).transpose(1, 2).contiguous()
+            v = kv.v[table.long()].reshape(batch, length, HKV, D).transpose(1, 2).contiguous()
             qs = q.unsqueeze(2)
 
             def sdpa(qs=qs, k=k, v=v):  # noqa: ANN202
@@ -204,8 +207,8 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
         res["configs"][name] = {"ms": ms, "tflop_s": flops / ms / 1e9}
         ours = ours if ours is not None else run()
     qs = q.transpose(0, 1).unsqueeze(0)
-    k = kv.k[table.long()].view(1, length, HKV, D).transpose(1, 2).contiguous()
-    v = kv.v[table.long()].view(1, length, HKV, D).transpose(1, 2).contiguous()
+    k = kv.k[table.long()].reshape(1, length, HKV, D).transpose(1, 2).contiguous()
+    v = kv.v[table.long()].reshape(1, length, HKV, D).transpose(1, 2).contiguous()
     for label, backend in (
         ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("flash", SDPBackend.FLASH_ATTENTION),

@@ -31,6 +31,7 @@ if not CUDA:
     _interp._patch_lang_tensor = _patch_lang_tensor
 
 from longserve.kv import quant  # noqa: E402
+from longserve.kv.cache import paged_pool  # noqa: E402
 from longserve.ops.triton import PagedKV, paged_decode, paged_extend, store_kv  # noqa: E402
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -49,10 +50,19 @@ def _skip_gpu_case(request) -> None:  # noqa: ANN001
         pytest.skip("needs CUDA")
 
 
-def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype, gen) -> tuple:
-    """Random paged K/V in a format, and the same values dequantized: [blocks*BS, heads, dim]."""
+def random_cache(
+    fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype, gen, engine_layout: bool = True
+) -> tuple:
+    """Random paged K/V in a format, and the same values dequantized: [blocks*BS, heads, dim].
+
+    The pools are laid out as the engine's cache lays them out (paged_pool), or contiguous."""
     name, _, gran = fmt.partition("/")
     shape = (blocks, BS, heads, dim)
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        if not engine_layout:
+            return x.to(DEV)
+        return paged_pool(*x.shape, x.dtype, DEV).copy_(x)
 
     def rnd(*s: int) -> torch.Tensor:
         return torch.randn(*s, generator=gen)
@@ -61,7 +71,7 @@ def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype
         dt = torch.bfloat16 if name == "bf16" else torch.float16
         k, v = rnd(*shape).to(dt), rnd(*shape).to(dt)
         ref = (k.float(), v.float())
-        kv = PagedKV(k.to(DEV), v.to(DEV))
+        kv = PagedKV(pool(k), pool(v))
     elif name.startswith("fp8"):
         dt = quant.kv_format(name).storage
         n = heads if gran == "per_head" else 1
@@ -69,7 +79,7 @@ def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype
         k, v = (rnd(*shape) * 4).to(dt), (rnd(*shape) * 4).to(dt)
         ref = (k.float() * ks.view(-1, 1), v.float() * vs.view(-1, 1))
         ks, vs = (ks if n > 1 else ks[0]), (vs if n > 1 else vs[0])
-        kv = PagedKV(k.to(DEV), v.to(DEV), ks.to(DEV), vs.to(DEV))
+        kv = PagedKV(pool(k), pool(v), ks.to(DEV), vs.to(DEV))
     else:  # int4, or int4/<group size>
         g = int(gran or quant.INT4_GROUP_SIZE)
         pools, ref = [], []
@@ -79,7 +89,7 @@ def random_cache(fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype
             zero = (torch.rand(*shape[:3], dim // g, generator=gen) * 15).half()
             x = quant.dequantize_int4(packed.flatten(0, 2)[:, None], scale.flatten(0, 2)[:, None],
                                       zero.flatten(0, 2)[:, None], torch.float32)  # fmt: skip
-            pools.append((packed.to(DEV), scale.to(DEV), zero.to(DEV)))
+            pools.append((pool(packed), pool(scale), pool(zero)))
             ref.append(x.reshape(shape))
         (k, ks, kz), (v, vs, vz) = pools
         kv = PagedKV(k, v, ks, vs, kz, vz, group_size=g)
@@ -160,6 +170,23 @@ def test_paged_decode(request, hq, hkv, dim, lens, fmt):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "fmt", ["bf16", "int4", pytest.param("fp8_e4m3/per_head", marks=pytest.mark.gpu)]
+)
+def test_decode_reads_any_pool_layout(request, fmt):
+    """The kernels take the pools' strides: contiguous pools give the engine layout's bits."""
+    _skip_gpu_case(request)
+    outs = []
+    for engine_layout in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        dtype = torch.bfloat16 if CUDA else torch.float16
+        q, _, table, seq, _, blocks = make_batch([45, 20], [1, 1], 8, 64, dtype, gen)
+        kv, _ = random_cache(fmt, blocks, 2, 64, dtype, gen, engine_layout)
+        assert kv.k.is_contiguous() != engine_layout
+        outs.append(paged_decode(q.to(DEV), kv, table, seq, 0.125, 45))
+    assert torch.equal(*outs)
+
+
 EXTEND = _gpu_only(
     [
         (8, 2, 64, [40, 21], [40, 5], "int4"),
@@ -216,7 +243,7 @@ def test_store_matches_reference_quantizer(request, fmt, dim):
     shape = (blocks, BS, heads, dim)
 
     def zeros(*s: int, dt: torch.dtype) -> torch.Tensor:
-        return torch.zeros(s, dtype=dt, device=DEV)
+        return paged_pool(*s, dt, DEV)
 
     if name in ("bf16", "fp16"):
         dt = torch.bfloat16 if name == "bf16" else torch.float16

@@ -1,7 +1,10 @@
 """KV cache formats: what a token costs in each, and the reference quantize / dequantize.
 
 This is the one place the engine and the planner read, and the contract between the torch
-reference (KVCache.write / gather) and the Triton kernels. KVCache holds, per layer:
+reference (KVCache.write / gather) and the Triton kernels. Every pool below is indexed [blocks,
+block_size, kv_heads, ...] and laid out head by head within a block (kv/cache.py, paged_pool: the
+tensor is a transposed view of [blocks, kv_heads, block_size, ...]); the kernels take the
+strides, so any layout reads right. KVCache holds, per layer:
 - auto / bf16 / fp16: `k[layer]`, `v[layer]` in the dtype itself, [blocks, block_size, kv_heads,
   head_dim]. fp16 saturates at its max (65504) on write instead of overflowing to inf.
 - fp8_e4m3 / fp8_e5m2: `k[layer]`, `v[layer]` in torch float8 of the same shape, and static scales

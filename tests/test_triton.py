@@ -325,7 +325,10 @@ def test_engine_on_cuda_matches_reference(fmt, tmp_path, monkeypatch):
     kw = dict(dtype="bfloat16", num_kv_blocks=512, kv_cache_dtype=fmt, max_num_batched_tokens=96)
 
     monkeypatch.setattr(attention, "use_kernels", False)
-    refs = LLM(model=path, enforce_eager=True, **kw).generate(prompts, sp, use_tqdm=False)
+    ref_llm = LLM(model=path, **kw)
+    assert not ref_llm.engine.runner.graphs  # the reference loop is never captured
+    refs = ref_llm.generate(prompts, sp, use_tqdm=False)
+    del ref_llm
     monkeypatch.setattr(attention, "use_kernels", True)
     for eager in (True, False):
         llm = LLM(model=path, enforce_eager=eager, **kw)

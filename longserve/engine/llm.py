@@ -34,7 +34,7 @@ from longserve.models import loader
 from longserve.models.llama import CausalLM
 from longserve.models.registry import ModelSource, resolve
 from longserve.models.rope import Rotary
-from longserve.ops import quant_linear
+from longserve.ops import attention, quant_linear
 from longserve.tokenizer import load_tokenizer
 
 log = logging.getLogger("longserve")
@@ -152,7 +152,8 @@ class LLMEngine:
         # under TP rank 0 has every rank capture (TPDriver.decode_graphs); the others follow
         rank0 = self.tp is None or self.tp.rank == 0
         graphs = device.type == "cuda" and not cfg.enforce_eager and rank0
-        graphs = graphs and dtype in (torch.bfloat16, torch.float16)  # the kernels' dtypes
+        # the kernels' dtypes; the torch reference (attention.use_kernels off) cannot be captured
+        graphs = graphs and dtype in (torch.bfloat16, torch.float16) and attention.use_kernels
         self.runner = ModelRunner(
             driver, self.kv, device, self.max_model_len, cfg.max_num_seqs, cuda_graphs=graphs
         )

@@ -242,25 +242,24 @@ def test_store_matches_reference_quantizer(request, fmt, dim):
     slots[5] = -1
     shape = (blocks, BS, heads, dim)
 
-    def zeros(*s: int, dt: torch.dtype) -> torch.Tensor:
-        return paged_pool(*s, dt, DEV)
-
     if name in ("bf16", "fp16"):
         dt = torch.bfloat16 if name == "bf16" else torch.float16
-        kv = PagedKV(zeros(*shape, dt=dt), zeros(*shape, dt=dt))
+        kv = PagedKV(paged_pool(*shape, dt, DEV), paged_pool(*shape, dt, DEV))
         refs = [(x.to(dt),) for x in xs]
     elif name.startswith("fp8"):
         dt = quant.kv_format(name).storage
         n = heads if gran == "per_head" else 1
         sc = [torch.rand(n, generator=gen) * 0.02 + 0.001 for _ in range(2)]
         sc = [s if n > 1 else s[0] for s in sc]
-        kv = PagedKV(zeros(*shape, dt=dt), zeros(*shape, dt=dt), sc[0].to(DEV), sc[1].to(DEV))
+        kv = PagedKV(
+            paged_pool(*shape, dt, DEV), paged_pool(*shape, dt, DEV), sc[0].to(DEV), sc[1].to(DEV)
+        )
         refs = [(quant.quantize_fp8(x, s, dt),) for x, s in zip(xs, sc, strict=True)]
     else:
         packed, params = (*shape[:3], dim // 2), (*shape[:3], dim // g)
-        p = [zeros(*params, dt=torch.float16) for _ in range(4)]
+        p = [paged_pool(*params, torch.float16, DEV) for _ in range(4)]
         u8 = torch.uint8
-        kv = PagedKV(zeros(*packed, dt=u8), zeros(*packed, dt=u8), *p, group_size=g)
+        kv = PagedKV(paged_pool(*packed, u8, DEV), paged_pool(*packed, u8, DEV), *p, group_size=g)
         refs = [quant.quantize_int4(x, g) for x in xs]
     store_kv(xs[0].to(DEV), xs[1].to(DEV), slots.to(DEV), kv)
     keep = slots >= 0

@@ -97,7 +97,9 @@ def main() -> None:
                     help="KV format (int4: groups of 64)")  # fmt: skip
     ap.add_argument("--block-n", type=int, help="keys per tile (default: decode_config's)")
     ap.add_argument("--num-warps", type=int, help="warps a program (default: decode_config's)")
-    ap.add_argument("--num-stages", type=int, default=3, help="software-pipeline stages")
+    ap.add_argument(
+        "--num-stages", type=int, help="software-pipeline stages (default: decode_config's)"
+    )
     ap.add_argument("--top", type=int, default=20, help="opcodes to list")
     args = ap.parse_args()
     kernel = compile_decode(

@@ -38,11 +38,11 @@ HQ, HKV, D, BS = 64, 8, 128, 16
 GROUP = 64  # int4 channels per scale/zero pair
 DEV = torch.device("cuda")
 # (block_n, num_warps, num_stages, waves of programs over the SMs); the defaults are
-# decode_config's (64 keys x 4 warps bf16, 128 x 4 fp8, 128 x 2 int4), 3 stages, 4 waves
+# decode_config's (64 keys x 4 warps bf16, 128 x 4 fp8, 3 stages; 128 x 2 int4, 5 stages), 4 waves
 DECODE_CONFIGS = [
-    (64, 4, 3, 4), (64, 4, 3, 16), (64, 4, 4, 4), (128, 4, 3, 4), (128, 4, 3, 16),
-    (128, 4, 2, 4), (256, 4, 3, 4), (256, 4, 3, 16), (64, 2, 3, 4), (128, 2, 3, 4),
-    (128, 2, 3, 8), (256, 2, 3, 4),
+    (64, 4, 3, 4), (64, 4, 3, 16), (64, 4, 4, 4), (64, 4, 5, 3), (128, 4, 3, 4), (128, 4, 3, 16),
+    (128, 4, 2, 4), (128, 4, 5, 3), (256, 4, 3, 4), (256, 4, 3, 16), (64, 2, 3, 4),
+    (128, 2, 3, 4), (128, 2, 5, 4), (128, 2, 3, 8), (256, 2, 3, 4),
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     extend_config(D, HQ // HKV),  # the default: BM=64, TM=8, BN=64, 4 warps, 3 stages

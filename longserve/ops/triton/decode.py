@@ -330,13 +330,13 @@ def paged_decode(
     splits: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D], one query per sequence at its last position -> out [B, Hq, D].
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
     included); max_seq_len bounds seq_lens and fixes the number of slices. splits defaults to
-    num_splits, block_n and num_warps to decode_config.
+    num_splits, block_n, num_warps and num_stages to decode_config.
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
@@ -344,6 +344,7 @@ def paged_decode(
     launch = decode_config(kv.fmt)
     block_n = block_n or launch["block_n"]
     num_warps = num_warps or launch["num_warps"]
+    num_stages = num_stages or launch["num_stages"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)

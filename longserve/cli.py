@@ -117,7 +117,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-int4-group-size",
         type=int,
         default=d.kv_int4_group_size,
-        help="int4 KV: channels per scale and zero point (divides head_dim)",
+        help="int4 KV: channels per scale and zero point: a multiple of 4 dividing head_dim, within "
+        "or made of quarters of the head (at head_dim 128: 4, 8, 16, 32, 64 or 128)",
     )
     g.add_argument(
         "--kv-calibration-text",

@@ -156,6 +156,8 @@ def test_scales_are_checked():
         KVCache(2, 4, 16, 3, 64, torch.float32, torch.device("cpu"), "int4", None, 48)
     with pytest.raises(ValueError, match="group size"):  # the kernels read 4-channel words
         KVCache(2, 4, 16, 3, 96, torch.float32, torch.device("cpu"), "int4", None, 6)
+    with pytest.raises(ValueError, match="quarter of the head"):  # at start, on every device
+        KVCache(2, 4, 16, 3, 96, torch.float32, torch.device("cpu"), "int4", None, 16)
     with pytest.raises(ValueError, match="unknown kv cache dtype"):
         LLM(kv_cache_dtype="fp7")
     with pytest.raises(ValueError, match="kv_scale"):
@@ -244,9 +246,11 @@ def test_kernel_view_refuses_layouts_the_kernels_cannot_read():
     assert paged_kv(cache, 0) is kv  # built once: every step of every layer asks for it
     with pytest.raises(ValueError, match="whole-group strides"):
         PagedKV(kv.k, kv.v, kv.k_scale, kv.v_scale, kv.k_zero.transpose(0, 1), kv.v_zero)
-    odd = KVCache(1, 4, 16, 2, 96, torch.float32, torch.device("cpu"), "int4", None, 16)
-    with pytest.raises(ValueError, match="a quarter of head_dim 96"):  # 24 channels, groups of 16
-        paged_kv(odd, 0)
+    odd = paged_kv(
+        KVCache(1, 4, 16, 2, 96, torch.float32, torch.device("cpu"), "int4", None, 24), 0
+    )
+    with pytest.raises(ValueError, match="quarter of the head"):  # 24 channels, groups of 16
+        PagedKV(odd.k, odd.v, odd.k_scale, odd.v_scale, odd.k_zero, odd.v_zero, 16)
     pool = torch.zeros(4, 16, 2, 66, dtype=torch.uint8)[..., :64]  # rows 66 bytes apart
     with pytest.raises(ValueError, match="4-byte words"):
         PagedKV(pool.view(torch.float8_e4m3fn), pool.view(torch.float8_e4m3fn), *torch.ones(2))

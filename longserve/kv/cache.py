@@ -14,6 +14,7 @@ import torch
 
 from longserve.kv.quant import (
     INT4_GROUP_SIZE,
+    check_int4_group,
     dequantize_fp8,
     dequantize_int4,
     kv_format,
@@ -72,11 +73,7 @@ class KVCache:
             self.scales = None
         width = head_dim
         if self.fmt.group_scales:
-            if group_size < 4 or group_size % 4 or head_dim % group_size:
-                raise ValueError(  # the kernels read words of four channels
-                    f"int4 group size {group_size} must be a multiple of 4 dividing head_dim "
-                    f"{head_dim}"
-                )
+            check_int4_group(head_dim, group_size)  # at start, not at the kernels' first step
             width = head_dim // 2
         shape, half = (num_blocks, block_size, num_kv_heads, width), torch.float16
 

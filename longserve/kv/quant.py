@@ -60,6 +60,23 @@ INT4_GROUP_SIZE = 64
 GROUP_PARAM_BYTES = 4  # a float16 scale and a float16 zero point per group
 
 
+def check_int4_group(head_dim: int, group_size: int) -> None:
+    """Refuse int4 groups the layout above cannot hold: a multiple of 4 channels dividing head_dim,
+    such that a quarter of the head lies in one group or holds whole ones."""
+    quarter = head_dim // 4
+    if (
+        group_size < 4
+        or group_size % 4
+        or head_dim % group_size
+        or (group_size % quarter and quarter % group_size)
+    ):
+        raise ValueError(
+            f"int4 group size {group_size} must be a multiple of 4 dividing head_dim {head_dim}, "
+            f"and a quarter of the head ({quarter} channels) must lie in one group or hold "
+            f"whole groups"
+        )
+
+
 def kv_format(name: str) -> KVFormat:
     if name not in KV_FORMATS:
         raise ValueError(f"unknown kv cache dtype {name!r}: use {', '.join(KV_FORMATS)}")

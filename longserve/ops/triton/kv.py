@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longserve.kv.quant import check_int4_group
+
 PLAIN, FP8, INT4 = 0, 1, 2
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -39,12 +41,7 @@ class PagedKV:
             self.k_scale = _per_head(self.k_scale, heads)
             self.v_scale = _per_head(self.v_scale, heads)
         if self.fmt == INT4:
-            quarter, g = self.head_dim // 4, self.group_size
-            if g % 4 or (g % quarter and quarter % g):
-                raise ValueError(
-                    f"int4 kernels need groups of a multiple of 4 channels that a quarter of "
-                    f"head_dim {self.head_dim} lies in or divides into; got {g}"
-                )
+            check_int4_group(self.head_dim, self.group_size)
             st = self.k_scale.stride()
             if (
                 st != self.k_zero.stride()

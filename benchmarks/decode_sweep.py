@@ -4,7 +4,8 @@
 At five points of Llama-3.3-70B's layer shape (128K x batch 1/8/32, 16K x 8, 64K x 1), in bf16,
 fp8 e4m3 and int4 (--formats): tiles of {64, 128, 256} keys x {2, 4, 8} warps x {2, 3, 4}
 stages, each at the slice counts that give {2, 4, 8, 16} programs per SM, rounded up and rounded
-down (slices of at least 256 tokens). Every entry records its slices and programs; medians of do_bench.
+down (slices of at least 256 tokens). Every entry records its slices and programs; medians of
+do_bench. (5 stages, which int4 runs, came later from an A/B: docs/kernels.md.)
 
     python benchmarks/decode_sweep.py --out decode_sweep.json
 """

@@ -33,9 +33,8 @@ def paged_pool(
 ) -> torch.Tensor:
     """A zeroed pool indexed [blocks, block_size, kv_heads, width] whose memory holds a block head
     by head ([blocks, kv_heads, block_size, width]): a decode program reads one KV head, whose
-    rows of a block then lie together instead of one row per token (on the H200, int4 decode at
-    128K went from 0.56 to 0.51-0.52 of bf16's time: docs/kernels.md). The kernels take any
-    strides."""
+    rows of a block then lie together instead of one row per token (what it gained on the H200:
+    docs/kernels.md). The kernels take any strides."""
     shape = (num_blocks, num_kv_heads, block_size, width)
     return torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
 

@@ -4,8 +4,9 @@ copy     the device-to-device copy ceiling, bytes read + written, measured first
 decode   paged decode on Llama-3.3-70B's layer shape (64 q / 8 KV heads, d=128, blocks of 16):
          16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64);
          time, KV bytes read per second (group scales counted), against SDPA on the same bf16
-         data laid out contiguously. The engine's default launch (decode_block_n, num_splits)
+         data laid out contiguously. The engine's default launch (decode_config, num_splits)
          and a sweep of configs are timed per point; the default's figure and the best are kept.
+int4_groups  int4 decode at 128K x 8 and x 32 by group size (16 to 128 channels), against bf16
 prefill  causal prefill of one 16K and one 128K prompt through the paged extend kernel, TFLOP/s
          against SDPA's cuDNN and flash backends on contiguous tensors.
 e2e      decode tokens/s of the engine at batch 1 and 32, CUDA graphs on and off, against HF
@@ -31,7 +32,7 @@ from triton.testing import do_bench
 from benchmarks.common import environment, write
 from longserve.kv.cache import paged_pool
 from longserve.ops.triton import PagedKV, paged_decode, paged_extend
-from longserve.ops.triton.decode import num_splits
+from longserve.ops.triton.decode import ZD_GROUPS, num_splits
 from longserve.ops.triton.kv import extend_config
 
 HQ, HKV, D, BS = 64, 8, 128, 16
@@ -81,9 +82,12 @@ def copy_ceiling() -> dict:
     return {"bytes": 2 * x.numel() * 4, "ms": ms, "tb_s": 2 * x.numel() * 4 / ms / 1e9}
 
 
-def paged_cache(fmt: str, blocks: int, device: torch.device = DEV) -> tuple[PagedKV, int]:
+def paged_cache(
+    fmt: str, blocks: int, device: torch.device = DEV, group: int = GROUP
+) -> tuple[PagedKV, int]:
     """Random K/V pools of one layer in a format, laid out as the engine's cache lays them out
-    (paged_pool), and the bytes a token's K+V takes in it."""
+    (paged_pool), and the bytes a token's K+V takes in it (int4: `group` channels a scale and
+    zero)."""
 
     def pool(dtype: torch.dtype, width: int = D) -> torch.Tensor:
         return paged_pool(blocks, BS, HKV, width, dtype, device)
@@ -99,20 +103,24 @@ def paged_cache(fmt: str, blocks: int, device: torch.device = DEV) -> tuple[Page
         return PagedKV(k, v, s[0], s[1]), 2 * HKV * D
 
     def params() -> torch.Tensor:
-        return pool(torch.float16, D // GROUP).uniform_(0.01, 0.11)
+        return pool(torch.float16, D // group).uniform_(0.01, 0.11)
 
     k, v = pool(torch.uint8, D // 2).random_(0, 256), pool(torch.uint8, D // 2).random_(0, 256)
-    kv = PagedKV(k, v, params(), params(), params() * 100, params() * 100, GROUP)
-    return kv, 2 * HKV * (D // 2 + D // GROUP * 4)
+    kv = PagedKV(k, v, params(), params(), params() * 100, params() * 100, group)
+    return kv, 2 * HKV * (D // 2 + D // group * 4)
+
+
+def decode_inputs(length: int, batch: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pages, a block table of scattered pages (as a busy pool has them), lengths and queries."""
+    blocks = batch * (length // BS)
+    table = torch.randperm(blocks, device=DEV).int().view(batch, -1)
+    seq = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=DEV)
+    return blocks, table, seq, q
 
 
 def decode_point(length: int, batch: int) -> list[dict]:
-    nb = length // BS
-    blocks = batch * nb
-    perm = torch.randperm(blocks, device=DEV).int()  # scattered pages, as a busy pool has them
-    table = perm.view(batch, nb)
-    seq = torch.full((batch,), length, dtype=torch.int32, device=DEV)
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device=DEV)
+    blocks, table, seq, q = decode_inputs(length, batch)
     scale = D**-0.5
     rows = []
     bf16_ms = bf16_best = None
@@ -168,6 +176,34 @@ def decode_point(length: int, batch: int) -> list[dict]:
         del kv
         torch.cuda.empty_cache()
     return rows
+
+
+def int4_groups_point(length: int, batch: int) -> dict:
+    """Int4 decode by group size against bf16 on the same pages, the engine's default launch:
+    more groups a head mean more scales and zeros per key (and, from ZD_GROUPS groups, the
+    zero-point terms taken on the tensor cores)."""
+    blocks, table, seq, q = decode_inputs(length, batch)
+
+    def ms(kv: PagedKV) -> float:
+        return bench_ms(lambda: paged_decode(q, kv, table, seq, D**-0.5, length))
+
+    kv, _ = paged_cache("bf16", blocks)
+    res = {"context": length, "batch": batch, "bf16_ms": ms(kv), "groups": {}}
+    del kv
+    for group in (16, 32, 64, 128):
+        kv, tok_bytes = paged_cache("int4", blocks, group=group)
+        t = ms(kv)
+        res["groups"][str(group)] = {
+            "ms": t,
+            "vs_bf16": t / res["bf16_ms"],
+            "tb_s": batch * length * tok_bytes / t / 1e9,
+            "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS,
+        }
+        print(f"int4 groups of {group:3d} L={length} B={batch}: {t:.3f} ms, "
+              f"{t / res['bf16_ms']:.3f} x bf16", flush=True)  # fmt: skip
+        del kv
+        torch.cuda.empty_cache()
+    return res
 
 
 def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend) -> dict:
@@ -326,10 +362,17 @@ def e2e(model: str, **kw) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--gguf", default=None, help="the embedded model's GGUF file")
-    p.add_argument("--sections", default="copy,decode,prefill,e2e")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n    python")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--gguf", default=None, help="the embedded model's GGUF file (e2e section)")
+    p.add_argument(
+        "--sections",
+        default="copy,decode,int4_groups,prefill,e2e",
+        help="comma-separated sections to run (described above)",
+    )
     args = p.parse_args()
     sections = args.sections.split(",")
     result = {"environment": environment(), "errors": {}}
@@ -354,6 +397,7 @@ def main() -> None:
         return [r for n in (16384, 65536, 131072) for b in (1, 8, 32) for r in decode_point(n, b)]
 
     section("decode", decode)
+    section("int4_groups", lambda: [int4_groups_point(131072, b) for b in (8, 32)])
 
     def prefill() -> list[dict]:
         short = prefill_point(16384, PREFILL_CONFIGS)

@@ -15,7 +15,10 @@ and split in registers into four phase tiles that feed the tensor cores in fp16:
 was read from shared memory byte by byte. An fp8 word holds channels 4c .. 4c+3; an int4 word
 one channel of each quarter of the head (kv/quant.py), so that an int4 phase tile is a quarter:
 one scale group per key, or whole groups. Int4 dots run on the bare nibbles as fp16 subnormals;
-group scales and zeros touch only the small score and probability tiles.
+group scales and zeros touch only the small score and probability tiles. With ZD_GROUPS groups a
+head or more, the zero-point terms are dots too (q's group sums against the keys' scale x zero;
+the scaled probabilities against the values' zeros, into a small accumulator subtracted at the
+end), which spares moving each group's zeros to the score and probability tiles.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from longserve.ops.triton.common import INTERPRET, load_tile
-from longserve.ops.triton.kv import PagedKV, decode_config
+from longserve.ops.triton.kv import INT4, PagedKV, decode_config
 
 
 @triton.jit
@@ -102,6 +105,10 @@ def _phases(w, FMT: tl.constexpr, F8: tl.constexpr, ASM: tl.constexpr):
 
 
 _TINY: tl.constexpr = tl.constexpr(2.0**-24)  # an fp16 subnormal's unit: int4 phases count in it
+# int4 heads of this many groups or more take their zero-point terms on the tensor cores: on the
+# H200 at 128K, groups of 32 (4 a head) went from 0.85 to 0.70 x bf16's time, groups of 64 (2 a
+# head) from 0.50 to 0.515 (docs/kernels.md)
+ZD_GROUPS = 4
 
 
 @triton.jit
@@ -111,13 +118,24 @@ def _col(x, gi, g: tl.constexpr):
 
 
 @triton.jit
+def _repeat(x, width: tl.constexpr):
+    """A [rows, groups] tile repeated along its columns to `width` (a multiple of groups)."""
+    rows: tl.constexpr = x.shape[0]
+    groups: tl.constexpr = x.shape[1]
+    return tl.reshape(
+        tl.broadcast_to(x[:, None, :], [rows, width // groups, groups]), [rows, width]
+    )
+
+
+@triton.jit
 def _int4_scores(
-    qs, ks, k_sc, k_zr, q_sums, gi, c, D: tl.constexpr, QGS: tl.constexpr, GP, BN
+    qs, ks, k_sc, k_zr, q_sums, gi, c, D: tl.constexpr, QGS: tl.constexpr, GP, BN,
+    ZD: tl.constexpr,
 ):  # fmt: skip
     """Scores from int4 quarters, group by group: q . k = scale * (q . nib - zero * sum(q)), the
     dots in units of 2^-24 (_phases; odd quarters of q come divided by 16), the group's scale
     and zero one FMA each on the score tile. A group spans whole quarters or lies in one (its
-    dot then masked to its channels)."""
+    dot then masked to its channels). With ZD the zero terms are left to the caller's dot."""
     QPG: tl.constexpr = (QGS + D // 4 - 1) // (D // 4)  # quarters a group spans
     SUB: tl.constexpr = (D // 4 + QGS - 1) // QGS  # groups in a quarter
     s = tl.zeros([GP, BN], tl.float32)
@@ -128,8 +146,9 @@ def _int4_scores(
             if SUB > 1:
                 q_u = tl.where((c // QGS == gr % SUB)[None, :], q_u, 0.0)
             raw = tl.dot(q_u, ks[gr // SUB * QPG + i], raw)
-        zq = _col(k_zr, gi, gr)[None, :] * _col(q_sums, gi, gr)[:, None]
-        s += _col(k_sc, gi, gr)[None, :] * (raw - zq)
+        if not ZD:
+            raw -= _col(k_zr, gi, gr)[None, :] * _col(q_sums, gi, gr)[:, None]
+        s += _col(k_sc, gi, gr)[None, :] * raw
     return s
 
 
@@ -144,16 +163,23 @@ def _pv(a, pw, v, off, c, j, QGS: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
-def _int4_values(accs, p, vs, v_sc, v_zr, gi, c, D: tl.constexpr, QGS: tl.constexpr):
+def _int4_values(
+    accs, offs, p, vs, v_sc, v_zr, gi, zj, c, D: tl.constexpr, QGS: tl.constexpr, ZD: tl.constexpr
+):  # fmt: skip
     """accs + p @ v over int4 quarters, group by group: (p * scale) @ nib - sum(p * scale *
     zero), in units of 2^-24 (odd quarters 16 times that), with p * scale rounded to fp16 once
-    so that both terms take the same weights."""
+    so that both terms take the same weights. With ZD the zero sums go, as one dot per group
+    against the keys' zeros, to column g of offs, subtracted once at the end (_int4_offsets)."""
     QPG: tl.constexpr = (QGS + D // 4 - 1) // (D // 4)
     SUB: tl.constexpr = (D // 4 + QGS - 1) // QGS
     a0, a1, a2, a3 = accs
     for gr in tl.static_range(D // QGS):
         pw = (p * _col(v_sc, gi, gr)[None, :]).to(tl.float16)
-        off = tl.sum(pw.to(tl.float32) * _col(v_zr, gi, gr)[None, :], 1)[:, None]
+        if ZD:
+            offs += tl.where(zj[None, :] == gr, tl.dot(pw, v_zr), 0.0)
+            off = 0.0
+        else:
+            off = tl.sum(pw.to(tl.float32) * _col(v_zr, gi, gr)[None, :], 1)[:, None]
         for i in tl.static_range(QPG):
             if gr // SUB * QPG + i == 0:
                 a0 = _pv(a0, pw, vs[0], off, c, gr % SUB, QGS, SUB)
@@ -163,7 +189,17 @@ def _int4_values(accs, p, vs, v_sc, v_zr, gi, c, D: tl.constexpr, QGS: tl.conste
                 a2 = _pv(a2, pw, vs[2], off, c, gr % SUB, QGS, SUB)
             if gr // SUB * QPG + i == 3:
                 a3 = _pv(a3, pw, vs[3], off * 16.0, c, gr % SUB, QGS, SUB)
-    return a0, a1, a2, a3
+    return a0, a1, a2, a3, offs
+
+
+@triton.jit
+def _int4_offsets(offs, zj, c, t: tl.constexpr, D: tl.constexpr, QGS: tl.constexpr, GP):
+    """[GP, D/4]: each channel of quarter t takes its group's column of offs, in 2^-24 units."""
+    grp = (t * (D // 4) + c) // QGS
+    o = tl.zeros([GP, D // 4], tl.float32)
+    for gr in tl.static_range(D // QGS):
+        o = tl.where((grp == gr)[None, :], _col(offs, zj, gr)[:, None], o)
+    return o * (_TINY * (16.0 if t % 2 else 1.0))
 
 
 @triton.jit
@@ -173,6 +209,7 @@ def _decode_kernel(
     s_qt, s_qh, s_bt, s_ob, s_oh, s_os, s_lb, s_lh,
     FMT: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BN: tl.constexpr, QGS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+    ZD: tl.constexpr, ZP: tl.constexpr,
 ):  # fmt: skip
     # FMT (kv.py): 0 bf16/fp16, 1 fp8, 2 int4. Quantized formats compute in fp16, to which fp8
     # and nibbles convert exactly, on phase tiles (module docstring).
@@ -222,6 +259,14 @@ def _decode_kernel(
         q_sums = tl.sum(tl.reshape(q.to(tl.float32), [GP, D // QGS, QGS]), 2)
         gi = tl.arange(0, D // QGS)
         v_scale = 1.0 / _TINY
+        # ZD: the zero terms as dots over ZP (>= 16) columns, the groups' columns repeated
+        zj = tl.arange(0, ZP)
+        offs = tl.zeros([GP, ZP], tl.float32)
+        if ZD:
+            nqs = tl.zeros([GP, ZP], tl.float32)
+            for gr in tl.static_range(D // QGS):
+                nqs = tl.where(zj[None, :] % (D // QGS) == gr, -_col(q_sums, gi, gr)[:, None], nqs)
+            nqs = (nqs * ((D // QGS) / ZP)).to(tl.float16)
 
     for n0 in tl.range(start, end, BN):
         n = n0 + tl.arange(0, BN)
@@ -239,12 +284,19 @@ def _decode_kernel(
                 tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)), FMT, F8, ASM
             )
             k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) * _TINY
+            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
             # the value parameters load here, long before their use: Triton's pipeliner leaves
             # the zeros (no dot operand hangs on them) to a plain load
             v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32) * _TINY
-            s = _int4_scores(qs, ks, k_sc * (qk_scale / _TINY), k_zr, q_sums, gi, c, D, QGS, GP, BN)
+            v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0)
+            s = _int4_scores(
+                qs, ks, k_sc * (qk_scale / _TINY), k_zr * _TINY, q_sums, gi, c, D, QGS, GP, BN, ZD
+            )
+            if ZD:
+                s = tl.dot(nqs, tl.trans(_repeat(k_sc * k_zr * qk_scale, ZP).to(tl.float16)), s)
+                v_zr = _repeat(v_zr, ZP)
+            else:
+                v_zr = v_zr.to(tl.float32) * _TINY
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -269,14 +321,22 @@ def _decode_kernel(
                 a2 = tl.dot(p16, v2, a2)
                 a3 = tl.dot(p16, v3, a3)
             else:
-                a0, a1, a2, a3 = _int4_values(
-                    (a0, a1, a2, a3), p, (v0, v1, v2, v3), v_sc, v_zr, gi, c, D, QGS
-                )
+                if ZD:
+                    offs = offs * alpha[:, None]
+                a0, a1, a2, a3, offs = _int4_values(
+                    (a0, a1, a2, a3), offs, p, (v0, v1, v2, v3), v_sc, v_zr,
+                    gi, zj, c, D, QGS, ZD,
+                )  # fmt: skip
 
     if PDL:
         # the merge kernel may launch now: it waits in gdc_wait for this grid's stores, and its
         # launch overlaps the last slices' epilogues
         gdc_launch_dependents()
+    if FMT == 2 and ZD:
+        a0 -= _int4_offsets(offs, zj, c, 0, D, QGS, GP)
+        a1 -= _int4_offsets(offs, zj, c, 1, D, QGS, GP)
+        a2 -= _int4_offsets(offs, zj, c, 2, D, QGS, GP)
+        a3 -= _int4_offsets(offs, zj, c, 3, D, QGS, GP)
     inv = tl.where(l_i > 0, v_scale / l_i, 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     tl.store(LP + b * s_lb + heads * s_lh + split, lse, mask=gmask)
@@ -353,6 +413,7 @@ def paged_decode(
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
+    groups = dim // kv.group_size if kv.fmt == INT4 else 1
     # the merge launches as a programmatic dependent of the decode grid (Hopper on): on the H200
     # at 128K x 1 that took bf16 from 140.9 to 139.2 us (docs/kernels.md)
     pdl = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
@@ -363,6 +424,7 @@ def paged_decode(
         q.stride(0), q.stride(1), block_table.stride(0), *op.stride()[:3], *lp.stride()[:2],
         FMT=kv.fmt, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim,
         BS=kv.block_size, BN=block_n, QGS=kv.group_size, ASM=not INTERPRET, PDL=pdl,
+        ZD=groups >= ZD_GROUPS, ZP=max(16, triton.next_power_of_2(groups)),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty_like(q)

@@ -75,20 +75,19 @@ def compile_decode(fmt: str, **launch) -> object:  # noqa: ANN003
 
 
 def loop_ops(sass: str) -> collections.Counter:
-    """Opcodes of the body of the longest backward branch (the key loop)."""
+    """Opcodes of the key loop over whole tiles: the first backward branch whose body holds
+    tensor-core instructions (a second such loop runs a slice's last, partial tile)."""
     lines = [
         (int(m.group(1), 16), m.group(2))
         for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
     ]
-    loops = []
     for at, ins in lines:
         m = re.search(r"BRA\s+0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < at:
-            loops.append((int(m.group(1), 16), at))
-    start, end = max(loops, key=lambda x: x[1] - x[0])
-    return collections.Counter(
-        re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for at, ins in lines if start <= at <= end
-    )
+            body = [i for a, i in lines if int(m.group(1), 16) <= a <= at]
+            if any("MMA" in i for i in body):
+                return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
+    raise ValueError("no loop with tensor-core instructions in the SASS")
 
 
 def main() -> None:

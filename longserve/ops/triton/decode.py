@@ -268,65 +268,91 @@ def _decode_kernel(
                 nqs = tl.where(zj[None, :] % (D // QGS) == gr, -_col(q_sums, gi, gr)[:, None], nqs)
             nqs = (nqs * ((D // QGS) / ZP)).to(tl.float16)
 
-    for n0 in tl.range(start, end, BN):
-        n = n0 + tl.arange(0, BN)
-        nmask = n < end
-        blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
-        if FMT != 2:
-            row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh
-            s = tl.dot(q, tl.trans(load_tile(K, row, nmask, d, q.dtype))) * qk_scale
-        else:
-            # int4 dots run on the nibbles; a group's scale and zero then touch only the small
-            # score and probability tiles
-            prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, D // QGS)
-            pg = prow[:, None] + gi[None, :]  # see PagedKV: rows of whole groups
-            ks = _phases(
-                tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)), FMT, F8, ASM
-            )
-            k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            # the value parameters load here, long before their use: Triton's pipeliner leaves
-            # the zeros (no dot operand hangs on them) to a plain load
-            v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
-            v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0)
-            s = _int4_scores(
-                qs, ks, k_sc * (qk_scale / _TINY), k_zr * _TINY, q_sums, gi, c, D, QGS, GP, BN, ZD
-            )
-            if ZD:
-                s = tl.dot(nqs, tl.trans(_repeat(k_sc * k_zr * qk_scale, ZP).to(tl.float16)), s)
-                v_zr = _repeat(v_zr, ZP)
+    # Every tile but a slice's last is whole: its loop runs without the per-key masks (fewer
+    # instructions and registers: fp8 -3.5%, int4 -8% on the H200), and the last tile, if
+    # partial, runs the masked body once, unpipelined.
+    full_end = start + (end - start) // BN * BN
+    for part in tl.static_range(2):
+        for n0 in tl.range(
+            start if part == 0 else full_end,
+            full_end if part == 0 else end,
+            BN,
+        ):
+            n = n0 + tl.arange(0, BN)
+            if part == 0:
+                nmask = tl.full([BN], 1, tl.int1)
             else:
-                v_zr = v_zr.to(tl.float32) * _TINY
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        if FMT == 0:
-            v = load_tile(V, row, nmask, d, q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-        else:
-            v0, v1, v2, v3 = _phases(
-                _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS), FMT, F8, ASM
-            )
-            a0 = a0 * alpha[:, None]
-            a1 = a1 * alpha[:, None]
-            a2 = a2 * alpha[:, None]
-            a3 = a3 * alpha[:, None]
-            if FMT == 1:
-                p16 = p.to(tl.float16)
-                a0 = tl.dot(p16, v0, a0)
-                a1 = tl.dot(p16, v1, a1)
-                a2 = tl.dot(p16, v2, a2)
-                a3 = tl.dot(p16, v3, a3)
+                nmask = n < end
+            blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
+            if FMT != 2:
+                row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh
+                s = tl.dot(q, tl.trans(load_tile(K, row, nmask, d, q.dtype))) * qk_scale
             else:
+                # int4 dots run on the nibbles; a group's scale and zero then touch only the small
+                # score and probability tiles
+                prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, D // QGS)
+                pg = prow[:, None] + gi[None, :]  # see PagedKV: rows of whole groups
+                ks = _phases(
+                    tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)),
+                    FMT,
+                    F8,
+                    ASM,
+                )
+                k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+                k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+                # the value parameters load here, long before their use: Triton's pipeliner leaves
+                # the zeros (no dot operand hangs on them) to a plain load
+                v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
+                v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0)
+                s = _int4_scores(
+                    qs,
+                    ks,
+                    k_sc * (qk_scale / _TINY),
+                    k_zr * _TINY,
+                    q_sums,
+                    gi,
+                    c,
+                    D,
+                    QGS,
+                    GP,
+                    BN,
+                    ZD,
+                )
                 if ZD:
-                    offs = offs * alpha[:, None]
-                a0, a1, a2, a3, offs = _int4_values(
-                    (a0, a1, a2, a3), offs, p, (v0, v1, v2, v3), v_sc, v_zr,
-                    gi, zj, c, D, QGS, ZD,
-                )  # fmt: skip
+                    s = tl.dot(nqs, tl.trans(_repeat(k_sc * k_zr * qk_scale, ZP).to(tl.float16)), s)
+                    v_zr = _repeat(v_zr, ZP)
+                else:
+                    v_zr = v_zr.to(tl.float32) * _TINY
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            if FMT == 0:
+                v = load_tile(V, row, nmask, d, q.dtype)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+            else:
+                v0, v1, v2, v3 = _phases(
+                    _words(V, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS), FMT, F8, ASM
+                )
+                a0 = a0 * alpha[:, None]
+                a1 = a1 * alpha[:, None]
+                a2 = a2 * alpha[:, None]
+                a3 = a3 * alpha[:, None]
+                if FMT == 1:
+                    p16 = p.to(tl.float16)
+                    a0 = tl.dot(p16, v0, a0)
+                    a1 = tl.dot(p16, v1, a1)
+                    a2 = tl.dot(p16, v2, a2)
+                    a3 = tl.dot(p16, v3, a3)
+                else:
+                    if ZD:
+                        offs = offs * alpha[:, None]
+                    a0, a1, a2, a3, offs = _int4_values(
+                        (a0, a1, a2, a3), offs, p, (v0, v1, v2, v3), v_sc, v_zr,
+                        gi, zj, c, D, QGS, ZD,
+                    )  # fmt: skip
 
     if PDL:
         # the merge kernel may launch now: it waits in gdc_wait for this grid's stores, and its

@@ -279,10 +279,7 @@ def _decode_kernel(
             BN,
         ):
             n = n0 + tl.arange(0, BN)
-            if part == 0:
-                nmask = tl.full([BN], 1, tl.int1)
-            else:
-                nmask = n < end
+            nmask = tl.full([BN], 1, tl.int1) if part == 0 else n < end
             blk = tl.load(BT + b * s_bt + n // BS, mask=nmask, other=0).to(tl.int64)
             if FMT != 2:
                 row = blk * s_kb + (n % BS) * s_ks + kvh * s_kh

@@ -7,8 +7,10 @@ decode   paged decode on Llama-3.3-70B's layer shape (64 q / 8 KV heads, d=128, 
          data laid out contiguously. The engine's default launch (decode_config, num_splits)
          and a sweep of configs are timed per point; the default's figure and the best are kept.
 int4_groups  int4 decode at 128K x 8 and x 32 by group size (16 to 128 channels), against bf16
-prefill  causal prefill of one 16K and one 128K prompt through the paged extend kernel, TFLOP/s
-         against SDPA's cuDNN and flash backends on contiguous tensors.
+prefill  causal prefill of one 16K and one 128K prompt, TFLOP/s, through the paged extend kernel
+         (K/V gathered through the block table: chunked prefill, prefix-cache hits) and through
+         causal_prefill (the prompt's own K/V, contiguous, by TMA: the engine's path for whole
+         prompts in a bf16 cache), against SDPA's cuDNN and flash backends on contiguous tensors.
 e2e      decode tokens/s of the engine at batch 1 and 32, CUDA graphs on and off, against HF
          transformers (static cache, SDPA, eager) on the same weights: the embedded model (its
          GGUF given by --gguf) and a synthetic Llama-3.1-8B.
@@ -31,9 +33,9 @@ from triton.testing import do_bench
 
 from benchmarks.common import environment, write
 from longserve.kv.cache import paged_pool
-from longserve.ops.triton import PagedKV, paged_decode, paged_extend
+from longserve.ops.triton import PagedKV, causal_prefill, paged_decode, paged_extend
 from longserve.ops.triton.decode import ZD_GROUPS, num_splits
-from longserve.ops.triton.kv import extend_config
+from longserve.ops.triton.kv import extend_config, prefill_config
 
 HQ, HKV, D, BS = 64, 8, 128, 16
 GROUP = 64  # int4 channels per scale/zero pair
@@ -242,16 +244,24 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
         ms = events_ms(run)
         res["configs"][name] = {"ms": ms, "tflop_s": flops / ms / 1e9}
         ours = ours if ours is not None else run()
-    qs = q.transpose(0, 1).unsqueeze(0)
-    k = kv.k[table.long()].reshape(1, length, HKV, D).transpose(1, 2).contiguous()
-    v = kv.v[table.long()].reshape(1, length, HKV, D).transpose(1, 2).contiguous()
+    k = kv.k[table.long()].reshape(length, HKV, D)  # the prompt's K/V in order, contiguous
+    v = kv.v[table.long()].reshape(length, HKV, D)
+
+    def whole(q=q, k=k, v=v, cu=cu):  # noqa: ANN202
+        return causal_prefill(q, k, v, cu, length, D**-0.5)
+
+    ms = events_ms(whole)
+    res["whole_prompt"] = {"ms": ms, "tflop_s": flops / ms / 1e9, "config": prefill_config()}
+    outs = {"ours": ours, "whole": whole()}
+    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     for label, backend in (
         ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("flash", SDPBackend.FLASH_ATTENTION),
     ):
-        r = sdpa_prefill(qs, k, v, backend)
+        r = sdpa_prefill(qs, ks.contiguous(), vs.contiguous(), backend)
         if "out" in r:
-            r["rel_err_ours_vs_it"] = rel_err(ours, r.pop("out")[0].transpose(0, 1))
+            it = r.pop("out")[0].transpose(0, 1)
+            r.update({f"rel_err_{o}_vs_it": rel_err(x, it) for o, x in outs.items()})
             r["tflop_s"] = flops / r["ms"] / 1e9
         res[label] = r
     best = max(res["configs"], key=lambda c: res["configs"][c]["tflop_s"])
@@ -259,11 +269,12 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
     res["best"] = best
     print(
         f"prefill L={length}: ours {res['configs'][res['default']]['tflop_s']:.0f} TFLOP/s"
-        f" (best {res['configs'][best]['tflop_s']:.0f}, {best}) | cudnn"
+        f" (best {res['configs'][best]['tflop_s']:.0f}, {best}) | whole prompt"
+        f" {res['whole_prompt']['tflop_s']:.0f} | cudnn"
         f" {res['cudnn'].get('tflop_s', 0):.0f} | flash {res['flash'].get('tflop_s', 0):.0f}",
         flush=True,
     )
-    del kv, q, k, v
+    del kv, q, k, v, qs, ks, vs, outs
     torch.cuda.empty_cache()
     return res
 

@@ -32,7 +32,13 @@ if not CUDA:
 
 from longserve.kv import quant  # noqa: E402
 from longserve.kv.cache import paged_pool  # noqa: E402
-from longserve.ops.triton import PagedKV, paged_decode, paged_extend, store_kv  # noqa: E402
+from longserve.ops.triton import (  # noqa: E402
+    PagedKV,
+    causal_prefill,
+    paged_decode,
+    paged_extend,
+    store_kv,
+)
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 FORMATS = ["bf16", "fp16", "fp8_e4m3/per_tensor", "fp8_e4m3/per_head", "fp8_e5m2/per_head", "int4"]
@@ -217,6 +223,43 @@ def test_paged_extend(request, hq, hkv, dim, lens, qlens, fmt):
     out = paged_extend(q.to(DEV), kv, table, seq, cu, max(qlens), scale)
     ref = ref_attention(q, k, v, lens, qlens, tables, scale)
     assert rel_err(out, ref) < 1e-2
+
+
+PREFILL = _gpu_only(
+    [(8, 8, 64, [130, 5]), (6, 2, 64, [40, 1]), (7, 1, 64, [129])]
+    + [
+        (64, 8, 128, [4000, 1, 300, 129]),
+        (24, 8, 64, [1000, 513, 16, 2]),
+        (56, 8, 128, [2049]),
+        (21, 3, 128, [127, 128, 255, 256, 257]),
+        (8, 8, 128, [random.Random(b).randint(1, 700) for b in range(40)]),
+    ]
+)
+
+
+@pytest.mark.parametrize("hq,hkv,dim,qlens", PREFILL)
+def test_causal_prefill(request, hq, hkv, dim, qlens):
+    """Whole prompts over their own keys, read from views of one fused qkv buffer (as a model's
+    projections may leave them), against float32 SDPA per prompt."""
+    _skip_gpu_case(request)
+    gen = torch.Generator().manual_seed(sum(qlens) + dim + hq)
+    dtype = torch.bfloat16 if CUDA else torch.float16  # interpreter: no bf16 dot
+    qkv = torch.randn(sum(qlens), hq + 2 * hkv, dim, generator=gen).to(dtype)
+    q, k, v = qkv.to(DEV).split([hq, hkv, hkv], 1)
+    cu = torch.tensor([0] + qlens).cumsum(0).int()
+    out = causal_prefill(q, k, v, cu.to(DEV), max(qlens), dim**-0.5)
+    ref = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qi, ki, vi = (x[s:e].float().transpose(0, 1) for x in qkv.split([hq, hkv, hkv], 1))
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+        ref.append(o.transpose(0, 1))
+    assert rel_err(out, torch.cat(ref)) < 1e-2
+
+
+def test_causal_prefill_refuses_scattered_heads():
+    q = torch.zeros(4, 2, 64, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="side by side"):
+        causal_prefill(q, q.transpose(0, 1), q, torch.tensor([0, 4], device=DEV), 4, 0.125)
 
 
 # fp8 only on CUDA: the interpreter rounds float8 subnormals differently from the hardware

@@ -170,6 +170,7 @@ class ModelRunner:
             meta.cu_seqlens_q = torch.tensor(qstart, dtype=torch.int32, device=dev)
             meta.max_query_len = max(n for _, n in items)
             meta.max_seq_len = max(ctx)
+            meta.whole_prompts = all(c == n for c, (_, n) in zip(ctx, items, strict=True))
         else:
             meta.block_tables = [torch.tensor(t, dtype=torch.long, device=dev) for t in tables]
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)

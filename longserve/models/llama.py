@@ -49,7 +49,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.hkv, self.d)
         q, k = rotary(positions, q, k)
         kv.write(self.layer, k, v, meta.slot_mapping)
-        o = attention(q, kv, self.layer, meta, self.scale)
+        o = attention(q, kv, self.layer, meta, self.scale, k, v)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 

@@ -4,7 +4,9 @@ The torch reference serves the CPU and any device without kernels: for each sequ
 the sequence's cached keys and values through its block table and runs SDPA with the causal
 offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token). On CUDA,
 with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
-(ops/triton): paged decode when every sequence brings one query, paged extend otherwise.
+(ops/triton): paged decode when every sequence brings one query; a causal prefill over the step's
+own keys when every sequence is a whole prompt with nothing cached before it (bf16/fp16 cache,
+Hopper); paged extend otherwise.
 """
 
 from __future__ import annotations
@@ -33,12 +35,20 @@ class AttnMeta:
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32, query_start
     max_query_len: int = 0
     max_seq_len: int = 0  # a bound on seq_lens (max_model_len under a CUDA graph)
+    whole_prompts: bool = False  # every sequence's queries are its whole context so far
 
 
 def attention(
-    q: torch.Tensor, cache: KVCache, layer: int, meta: AttnMeta, scale: float
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttnMeta,
+    scale: float,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> output [T, Hq, D]; keys and values come from the cache."""
+    """q [T, Hq, D] -> output [T, Hq, D]; keys and values come from the cache, where the step's
+    new k, v [T, Hkv, D] were just written (given, a whole-prompt step may read them directly)."""
     half = q.dtype in (torch.bfloat16, torch.float16)
     if use_kernels and meta.block_table is not None and q.is_cuda and half:
         from longserve.ops import triton as kernels
@@ -48,6 +58,8 @@ def attention(
             return kernels.paged_decode(
                 q, kv, meta.block_table, meta.seq_lens, scale, meta.max_seq_len
             )
+        if meta.whole_prompts and k is not None and kernels.reads_new_kv(q, kv, k):
+            return kernels.causal_prefill(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale)
         return kernels.paged_extend(
             q, kv, meta.block_table, meta.seq_lens, meta.cu_seqlens_q, meta.max_query_len, scale
         )

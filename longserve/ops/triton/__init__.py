@@ -12,6 +12,8 @@ _WHERE = {
     "paged_kv": "kv",
     "paged_decode": "decode",
     "paged_extend": "extend",
+    "causal_prefill": "extend",
+    "reads_new_kv": "extend",
     "store_kv": "store",
 }
 __all__ = list(_WHERE)

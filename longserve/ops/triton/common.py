@@ -7,12 +7,21 @@ q . k = q_lo . k_lo + q_hi . k_hi, and p @ v is written back to those channels.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the interpreter runs no inline PTX
+
+
+@functools.cache
+def hopper(device_index: int) -> bool:
+    """Compiled for Hopper or later (TMA, programmatic dependent launch): asked once per device,
+    not per step of every layer."""
+    return not INTERPRET and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 @triton.jit

@@ -23,14 +23,12 @@ end), which spares moving each group's zeros to the score and probability tiles.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from longserve.ops.triton.common import INTERPRET, load_tile
+from longserve.ops.triton.common import INTERPRET, hopper, load_tile
 from longserve.ops.triton.kv import INT4, PagedKV, decode_config
 
 
@@ -412,14 +410,6 @@ def num_splits(
     return max(1, min(want, triton.cdiv(max_seq_len, 256)))
 
 
-@functools.cache
-def _dependent_launch(device_index: int) -> bool:
-    """Whether the merge launches as a programmatic dependent of the decode grid (Hopper on; once
-    per device, not per step): on the H200 at 128K x 1 that took bf16 from 140.9 to 139.2 us
-    (docs/kernels.md)."""
-    return not INTERPRET and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def paged_decode(
     q: torch.Tensor,
     kv: PagedKV,
@@ -447,7 +437,9 @@ def paged_decode(
     num_stages = num_stages or launch["num_stages"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
     groups = dim // kv.group_size if kv.fmt == INT4 else 1
-    pdl = q.is_cuda and _dependent_launch(q.device.index)
+    # the merge launches as a programmatic dependent of the decode grid: on the H200 at 128K x 1
+    # that took bf16 from 140.9 to 139.2 us (docs/kernels.md)
+    pdl = q.is_cuda and hopper(q.device.index)
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, hkv, splits)](

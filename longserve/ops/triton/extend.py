@@ -8,6 +8,10 @@ A program takes a tile of rows that packs TM consecutive tokens times the GROUP 
 one KV head, so each K/V tile read serves the whole group; a decode row (a chunk of one) in a
 mixed batch then still fills GROUP rows. Key tiles wholly below the tile's first position need
 no mask and run a separate, cheaper loop; tiles run longest first to even out the causal work.
+
+A step of whole prompts with nothing cached before them, in a bf16/fp16 cache, takes
+causal_prefill instead: the keys and values it needs are exactly the step's own, so it reads them
+contiguous, with the tensor memory accelerator (TMA), rather than gathered through the block table.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from longserve.ops.triton.common import int4_channels, load_int4_tile, load_tile
-from longserve.ops.triton.kv import PagedKV, extend_config
+from longserve.ops.triton.common import hopper, int4_channels, load_int4_tile, load_tile
+from longserve.ops.triton.kv import PLAIN, PagedKV, extend_config, prefill_config
 
 
 @triton.jit
@@ -170,5 +175,99 @@ def paged_extend(
         q, out, *kv.kernel_args(), block_table, seq_lens, cu_seqlens_q, sm_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         FMT=kv.fmt, GROUP=group, D=dim, BS=kv.block_size, TM=tm, QGS=kv.group_size, **cfg,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _prefill_tiles(
+    acc, m_i, l_i, q, desc_k, desc_v, k0, kvh, rows, start, end, qk_scale,
+    MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the chunk's key tiles [start, end), read at rows k0 + n."""
+    for n0 in tl.range(start, end, BN):
+        s = tl.dot(q, desc_k.load([k0 + n0, kvh * D]).T)
+        if MASK:
+            s = tl.where(rows[:, None] >= (n0 + tl.arange(0, BN))[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(q.dtype), desc_v.load([k0 + n0, kvh * D]), acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    desc_q, desc_k, desc_v, OUT, CUQ, qk_scale, s_ot, s_oh,
+    GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # one program: BM consecutive queries of one head of one sequence; tiles longest first
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(CUQ + b)
+    n_q = tl.load(CUQ + b + 1) - q0
+    m0 = tile * BM
+    if m0 < n_q:
+        kvh = h // GROUP
+        # rows past the sequence read the next one's queries (or TMA's zeros past the batch):
+        # they see key 0 at least, so stay finite, and are not stored
+        q = desc_q.load([q0 + m0, h * D])
+        rows = m0 + tl.arange(0, BM)
+        acc = tl.zeros([BM, D], tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc, m_i, l_i = _prefill_tiles(
+            acc, m_i, l_i, q, desc_k, desc_v, q0, kvh, rows, 0, m0, qk_scale, False, D, BN
+        )
+        acc, m_i, l_i = _prefill_tiles(
+            acc, m_i, l_i, q, desc_k, desc_v, q0, kvh, rows, m0, tl.minimum(m0 + BM, n_q),
+            qk_scale, True, D, BN,
+        )  # fmt: skip
+        d = tl.arange(0, D)
+        out = OUT + (q0 + rows)[:, None].to(tl.int64) * s_ot + h * s_oh + d[None, :]
+        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=(rows < n_q)[:, None])
+
+
+def _rows(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """[T, heads, D] with heads side by side in a row -> a TMA descriptor over [T, heads x D]."""
+    t, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim:
+        raise ValueError(
+            "causal_prefill needs each token's heads side by side, channels contiguous"
+        )
+    return TensorDescriptor(x, [t, heads * dim], [x.stride(0), 1], block)
+
+
+def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor) -> bool:
+    """Whether causal_prefill serves a step of whole prompts: the cache holds the new keys as they
+    are (bf16/fp16 of k's dtype) and the GPU has TMA."""
+    return kv.fmt == PLAIN and kv.k.dtype == k.dtype and q.is_cuda and hopper(q.device.index)
+
+
+def causal_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_query_len: int,
+    sm_scale: float,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Causal attention of whole prompts over their own keys: q [T, Hq, D], k/v [T, Hkv, D]
+    (the step's new tokens, nothing cached before them) -> out [T, Hq, D]. Hopper and later."""
+    _, hq, dim = q.shape
+    cfg = dict(config or prefill_config())
+    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    if bm % bn:
+        raise ValueError(f"query tile {bm} is not a whole number of key tiles {bn}")
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
+    _prefill_kernel[grid](
+        _rows(q, [bm, dim]), _rows(k, [bn, dim]), _rows(v, [bn, dim]), out, cu_seqlens_q,
+        sm_scale * 1.4426950408889634, out.stride(0), out.stride(1),
+        GROUP=hq // k.shape[1], D=dim, BM=bm, BN=bn, **cfg,
     )  # fmt: skip
     return out

@@ -146,6 +146,7 @@ DECODE = _gpu_only(
         (4, 4, 64, [17, 70], "fp8_e4m3/per_head"),
         (3, 1, 64, [5, 33, 64], "bf16"),
         (8, 2, 128, [40], "int4/16"),
+        (8, 2, 128, [70, 3], "int4/128"),  # one group a head: the one masked loop
     ]
     + [
         (hq, hkv, d, lens, f)
@@ -159,7 +160,7 @@ DECODE = _gpu_only(
             (32, 4, 64, [random.Random(b).randint(1, 9000) for b in range(33)]),
         ]
     ],
-    cpu=4,
+    cpu=5,
 )
 
 

@@ -107,9 +107,9 @@ def extend_config(dim: int, group: int) -> dict:
 
 
 def prefill_config() -> dict:
-    """Tiles of 128 queries of one head by 128 keys, 8 warps, 2 stages: the best of the H200
-    probe (docs/kernels.md) for Llama-3.3-70B's shape."""
-    return dict(BM=128, BN=128, num_warps=8, num_stages=2)
+    """Tiles of 128 queries of one head by 128 keys, 8 warps, 3 stages: the best of the H200
+    sweep (docs/kernels.md) for Llama-3.3-70B's shape."""
+    return dict(BM=128, BN=128, num_warps=8, num_stages=3)
 
 
 def _per_head(scale: torch.Tensor | None, heads: int) -> torch.Tensor:

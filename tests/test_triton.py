@@ -257,10 +257,14 @@ def test_causal_prefill(request, hq, hkv, dim, qlens):
     assert rel_err(out, torch.cat(ref)) < 1e-2
 
 
-def test_causal_prefill_refuses_scattered_heads():
+def test_causal_prefill_refuses_what_tma_cannot_read():
     q = torch.zeros(4, 2, 64, dtype=torch.float16, device=DEV)
+    cu = torch.tensor([0, 4], device=DEV)
     with pytest.raises(ValueError, match="side by side"):
-        causal_prefill(q, q.transpose(0, 1), q, torch.tensor([0, 4], device=DEV), 4, 0.125)
+        causal_prefill(q, q.transpose(0, 1), q, cu, 4, 0.125)
+    odd = torch.zeros(4 * 129 + 1, dtype=torch.float16, device=DEV)[1:].view(4, 129)[:, :128]
+    with pytest.raises(ValueError, match="16 bytes"):  # rows of 129 halves: not on 16 bytes
+        causal_prefill(q, odd.view(4, 2, 64), q, cu, 4, 0.125)
 
 
 # fp8 only on CUDA: the interpreter rounds float8 subnormals differently from the hardware

@@ -58,7 +58,7 @@ def attention(
             return kernels.paged_decode(
                 q, kv, meta.block_table, meta.seq_lens, scale, meta.max_seq_len
             )
-        if meta.whole_prompts and k is not None and kernels.reads_new_kv(q, kv, k):
+        if meta.whole_prompts and k is not None and kernels.reads_new_kv(q, kv, k, v):
             return kernels.causal_prefill(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale)
         return kernels.paged_extend(
             q, kv, meta.block_table, meta.seq_lens, meta.cu_seqlens_q, meta.max_query_len, scale

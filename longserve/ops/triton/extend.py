@@ -231,20 +231,33 @@ def _prefill_kernel(
         tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=(rows < n_q)[:, None])
 
 
+def _tma_rows(x: torch.Tensor) -> bool:
+    """[T, heads, D] with each token's heads side by side, channels contiguous, rows and start on
+    16 bytes: what a TMA descriptor over [T, heads x D] takes."""
+    aligned = x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2] and aligned
+
+
 def _rows(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """[T, heads, D] with heads side by side in a row -> a TMA descriptor over [T, heads x D]."""
-    t, heads, dim = x.shape
-    if x.stride(2) != 1 or x.stride(1) != dim:
+    if not _tma_rows(x):
         raise ValueError(
-            "causal_prefill needs each token's heads side by side, channels contiguous"
+            "causal_prefill needs each token's heads side by side, channels contiguous, and rows"
+            " on 16 bytes"
         )
+    t, heads, dim = x.shape
     return TensorDescriptor(x, [t, heads * dim], [x.stride(0), 1], block)
 
 
-def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor) -> bool:
+def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether causal_prefill serves a step of whole prompts: the cache holds the new keys as they
-    are (bf16/fp16 of k's dtype) and the GPU has TMA."""
-    return kv.fmt == PLAIN and kv.k.dtype == k.dtype and q.is_cuda and hopper(q.device.index)
+    are (bf16/fp16 of k's dtype), the GPU has TMA and the tensors suit its descriptors."""
+    return (
+        kv.fmt == PLAIN
+        and kv.k.dtype == k.dtype
+        and q.is_cuda
+        and hopper(q.device.index)
+        and all(_tma_rows(x) for x in (q, k, v))
+    )
 
 
 def causal_prefill(

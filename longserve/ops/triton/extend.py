@@ -26,6 +26,21 @@ from longserve.ops.triton.kv import PLAIN, PagedKV, extend_config, prefill_confi
 
 
 @triton.jit
+def _program(CUQ):
+    """This program's query tile (the grid's last first: longest causal work first), sequence,
+    head, and where that sequence's queries lie in the batch: [q0, q0 + n_q)."""
+    b = tl.program_id(1)
+    q0 = tl.load(CUQ + b)
+    return (
+        tl.num_programs(0) - 1 - tl.program_id(0),
+        b,
+        tl.program_id(2),
+        q0,
+        tl.load(CUQ + b + 1) - q0,
+    )
+
+
+@triton.jit
 def _attend(
     acc, acc_o, m_i, l_i, q, qo, K, V, KS, VS, KZ, VZ, s_kb, s_ks, s_kh, s_pb, s_ps, s_ph,
     BT, b_row, kvh, start, end, pos, qk_scale,
@@ -76,11 +91,7 @@ def _extend_kernel(
 ):  # fmt: skip
     # FMT (kv.py): 0 bf16/fp16, 1 fp8, 2 int4; quantized formats compute in fp16 (cheap, exact
     # conversions from fp8 and from the dequantized int4 values' range)
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    b = tl.program_id(1)
-    kvh = tl.program_id(2)
-    q0 = tl.load(CUQ + b)
-    n_q = tl.load(CUQ + b + 1) - q0
+    tile, b, kvh, q0, n_q = _program(CUQ)
     if tile * TM < n_q:
         seq_len = tl.load(SEQ + b)
         first = seq_len - n_q + tile * TM  # position of the tile's first query
@@ -203,12 +214,8 @@ def _prefill_kernel(
     desc_q, desc_k, desc_v, OUT, CUQ, qk_scale, s_ot, s_oh,
     GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    # one program: BM consecutive queries of one head of one sequence; tiles longest first
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    q0 = tl.load(CUQ + b)
-    n_q = tl.load(CUQ + b + 1) - q0
+    # one program: BM consecutive queries of one head of one sequence
+    tile, b, h, q0, n_q = _program(CUQ)
     m0 = tile * BM
     if m0 < n_q:
         kvh = h // GROUP

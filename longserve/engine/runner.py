@@ -161,6 +161,7 @@ class ModelRunner:
                     plp_rows.append((req, qstart[-2], s, last))
         dev = self.device
         meta = AttnMeta(torch.tensor(slots, dtype=torch.long, device=dev), qstart, ctx, [])
+        meta.whole_prompts = all(c == n for c, (_, n) in zip(ctx, items, strict=True))
         if dev.type == "cuda":  # one padded table; the reference's per-sequence tables view it
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
@@ -170,7 +171,6 @@ class ModelRunner:
             meta.cu_seqlens_q = torch.tensor(qstart, dtype=torch.int32, device=dev)
             meta.max_query_len = max(n for _, n in items)
             meta.max_seq_len = max(ctx)
-            meta.whole_prompts = all(c == n for c, (_, n) in zip(ctx, items, strict=True))
         else:
             meta.block_tables = [torch.tensor(t, dtype=torch.long, device=dev) for t in tables]
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)

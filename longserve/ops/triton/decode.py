@@ -291,11 +291,9 @@ def _decode_kernel(
                 prow = tl.multiple_of(blk * s_pb + (n % BS) * s_ps + kvh * s_ph, D // QGS)
                 pg = prow[:, None] + gi[None, :]  # see PagedKV: rows of whole groups
                 ks = _phases(
-                    tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)),
-                    FMT,
-                    F8,
+                    tl.trans(_words(K, blk, n, nmask, kvh, s_kb, s_ks, s_kh, c, FMT, BS)), FMT, F8,
                     ASM,
-                )
+                )  # fmt: skip
                 k_sc = tl.load(KS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
                 k_zr = tl.load(KZ + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
                 # the value parameters load here, long before their use: Triton's pipeliner leaves
@@ -303,19 +301,9 @@ def _decode_kernel(
                 v_sc = tl.load(VS + pg, mask=nmask[:, None], other=0.0).to(tl.float32)
                 v_zr = tl.load(VZ + pg, mask=nmask[:, None], other=0.0)
                 s = _int4_scores(
-                    qs,
-                    ks,
-                    k_sc * (qk_scale / _TINY),
-                    k_zr * _TINY,
-                    q_sums,
-                    gi,
-                    c,
-                    D,
-                    QGS,
-                    GP,
-                    BN,
+                    qs, ks, k_sc * (qk_scale / _TINY), k_zr * _TINY, q_sums, gi, c, D, QGS, GP, BN,
                     ZD,
-                )
+                )  # fmt: skip
                 if ZD:
                     s = tl.dot(nqs, tl.trans(_repeat(k_sc * k_zr * qk_scale, ZP).to(tl.float16)), s)
                     v_zr = _repeat(v_zr, ZP)

@@ -11,6 +11,9 @@ prefill  causal prefill of one 16K and one 128K prompt, TFLOP/s, through the pag
          (K/V gathered through the block table: chunked prefill, prefix-cache hits) and through
          causal_prefill (the prompt's own K/V, contiguous, by TMA: the engine's path for whole
          prompts in a bf16 cache), against SDPA's cuDNN and flash backends on contiguous tensors.
+chunk    the last 8K queries of a 64K and a 128K prompt over all of it (chunked prefill, prefix
+         hits), TFLOP/s: paged_extend on pages of 16 and paged_prefill (TMA, one page a key
+         tile) on pages of 32 to 256, against SDPA flash (lower-right causal) and cuDNN (mask).
 e2e      decode tokens/s of the engine at batch 1 and 32, CUDA graphs on and off, against HF
          transformers (static cache, SDPA, eager) on the same weights: the embedded model (its
          GGUF given by --gguf) and a synthetic Llama-3.1-8B.
@@ -29,11 +32,18 @@ import traceback
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
 from benchmarks.common import environment, write
 from longserve.kv.cache import paged_pool
-from longserve.ops.triton import PagedKV, causal_prefill, paged_decode, paged_extend
+from longserve.ops.triton import (
+    PagedKV,
+    causal_prefill,
+    paged_decode,
+    paged_extend,
+    paged_prefill,
+)
 from longserve.ops.triton.decode import ZD_GROUPS, num_splits
 from longserve.ops.triton.kv import extend_config, prefill_config
 
@@ -85,17 +95,17 @@ def copy_ceiling() -> dict:
 
 
 def paged_cache(
-    fmt: str, blocks: int, device: torch.device = DEV, group: int = GROUP
+    fmt: str, blocks: int, device: torch.device = DEV, group: int = GROUP, block_size: int = BS
 ) -> tuple[PagedKV, int]:
     """Random K/V pools of one layer in a format, laid out as the engine's cache lays them out
     (paged_pool), and the bytes a token's K+V takes in it (int4: `group` channels a scale and
     zero)."""
 
     def pool(dtype: torch.dtype, width: int = D) -> torch.Tensor:
-        return paged_pool(blocks, BS, HKV, width, dtype, device)
+        return paged_pool(blocks, block_size, HKV, width, dtype, device)
 
     def randn(dtype: torch.dtype) -> torch.Tensor:
-        return pool(dtype).copy_(torch.randn(blocks, BS, HKV, D, device=device))
+        return pool(dtype).copy_(torch.randn(blocks, block_size, HKV, D, device=device))
 
     if fmt == "bf16":
         return PagedKV(randn(torch.bfloat16), randn(torch.bfloat16)), 2 * HKV * D * 2
@@ -208,15 +218,24 @@ def int4_groups_point(length: int, batch: int) -> dict:
     return res
 
 
-def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend) -> dict:
-    """One backend's causal prefill on [1, H, L, D]; K/V expanded to all heads if GQA is refused."""
+def sdpa_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: SDPBackend,
+    mask: torch.Tensor | None = None,
+) -> dict:
+    """One backend's causal attention on [1, H, L, D], causal or under `mask`; K/V expanded to
+    all heads if GQA is refused."""
     for gqa in (True, False):
         kk = k if gqa else k.repeat_interleave(HQ // HKV, 1)
         vv = v if gqa else v.repeat_interleave(HQ // HKV, 1)
 
         def run(kk=kk, vv=vv, gqa=gqa):  # noqa: ANN202
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(
+                    q, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+                )
 
         try:
             return {"ms": events_ms(run), "gqa": "native" if gqa else "expanded", "out": run()}
@@ -275,6 +294,59 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
         flush=True,
     )
     del kv, q, k, v, qs, ks, vs, outs
+    torch.cuda.empty_cache()
+    return res
+
+
+def chunk_point(context: int, chunk: int) -> dict:
+    """The last `chunk` queries of a `context`-token prompt over all of it (a chunked prefill's
+    last step; a prefix-cache hit's new tokens), bf16: paged_extend on pages of 16 and
+    paged_prefill on pages of 32 to 256 (the same keys in each), against SDPA on contiguous K/V:
+    flash with lower-right causal alignment (causal_lower_right) and cuDNN with that mask as a
+    boolean tensor."""
+    q = torch.randn(chunk, HQ, D, dtype=torch.bfloat16, device=DEV)
+    k, v = torch.randn(2, context, HKV, D, dtype=torch.bfloat16, device=DEV)
+    seq = torch.tensor([context], dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEV)
+    flops = 4 * HQ * D * (chunk * (context - chunk) + chunk * (chunk + 1) // 2)
+    res = {"context": context, "chunk": chunk, "flops": flops}
+    outs = {}
+    for bs in (16, 32, 64, 128, 256):
+        nb = context // bs
+        table = torch.randperm(nb, device=DEV)
+        kv, _ = paged_cache("bf16", nb, block_size=bs)
+        kv.k[table], kv.v[table] = k.view(nb, bs, HKV, D), v.view(nb, bs, HKV, D)
+        args = (q, kv, table.int().view(1, nb), seq, cu, chunk, D**-0.5)
+        kernels = {"paged_extend": paged_extend} if bs == 16 else {"paged_prefill": paged_prefill}
+        for name, fn in kernels.items():
+            ms = events_ms(lambda fn=fn, args=args: fn(*args))
+            res[f"{name}_bs{bs}"] = {"ms": ms, "tflop_s": flops / ms / 1e9}
+            outs[f"{name}_bs{bs}"] = fn(*args)
+        del kv
+    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    mask = (
+        torch.arange(context, device=DEV)
+        <= torch.arange(context - chunk, context, device=DEV)[:, None]
+    )
+    for label, backend, m in (
+        ("flash_lower_right", SDPBackend.FLASH_ATTENTION, causal_lower_right(chunk, context)),
+        ("cudnn_mask", SDPBackend.CUDNN_ATTENTION, mask),
+    ):
+        r = sdpa_prefill(qs, ks, vs, backend, m)
+        if "out" in r:
+            it = r.pop("out")[0].transpose(0, 1)
+            r.update({f"rel_err_{o}_vs_it": rel_err(x, it) for o, x in outs.items()})
+            r["tflop_s"] = flops / r["ms"] / 1e9
+        res[label] = r
+    print(
+        f"chunk {chunk} of {context}: "
+        + " | ".join(
+            f"{n} {r.get('tflop_s', 0):.0f}" for n, r in res.items() if isinstance(r, dict)
+        )
+        + " TFLOP/s",
+        flush=True,
+    )
+    del q, k, v, qs, ks, vs, mask, outs
     torch.cuda.empty_cache()
     return res
 
@@ -381,7 +453,7 @@ def main() -> None:
     p.add_argument("--gguf", default=None, help="the embedded model's GGUF file (e2e section)")
     p.add_argument(
         "--sections",
-        default="copy,decode,int4_groups,prefill,e2e",
+        default="copy,decode,int4_groups,prefill,chunk,e2e",
         help="comma-separated sections to run (described above)",
     )
     args = p.parse_args()
@@ -418,6 +490,7 @@ def main() -> None:
         return [short, prefill_point(131072, cfgs)]
 
     section("prefill", prefill)
+    section("chunk", lambda: [chunk_point(65536, 8192), chunk_point(131072, 8192)])
 
     def e2e_all() -> dict:
         out = {}

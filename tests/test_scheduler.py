@@ -123,10 +123,11 @@ def test_chunked_prefill_gives_the_same_tokens(llm, monkeypatch):
             assert len(batches) > len(ids_of(llm, prompts[-1])) // budget, "prompts were split"
 
 
-def test_steps_of_whole_prompts_are_flagged_for_the_kernels(llm, monkeypatch):
-    """AttnMeta.whole_prompts (the whole-prompt prefill kernel's condition on CUDA) is set exactly
-    when every sequence's queries are its whole context: a fresh prompt's step, not a later chunk,
-    a prefix-cache hit, or a step with a decode in it."""
+def test_steps_are_split_for_the_tma_kernels(llm, monkeypatch):
+    """AttnMeta.long_queries and long_whole (how a step is split on CUDA between the TMA prefill
+    kernels and paged_extend) count the sequences that bring 128 queries or more and say whether
+    each is a whole prompt: a fresh prompt's first chunk, not a later chunk, a decode or a
+    prefix-cache hit."""
     from longserve.models import llama
 
     seen = []
@@ -135,18 +136,19 @@ def test_steps_of_whole_prompts_are_flagged_for_the_kernels(llm, monkeypatch):
     def spy(q, cache, layer, meta, scale, k=None, v=None):  # noqa: ANN001, ANN202
         if layer == 0:
             n = [e - s for s, e in zip(meta.query_start, meta.query_start[1:], strict=False)]
-            seen.append((meta.whole_prompts, meta.context_lens == n, n))
+            whole = [c == m for c, m in zip(meta.context_lens, n, strict=True) if m >= 128]
+            seen.append(((meta.long_queries, meta.long_whole), (len(whole), all(whole))))
         return attend(q, cache, layer, meta, scale, k, v)
 
     monkeypatch.setattr(llama, "attention", spy)
-    long = ids_of(llm, text(12, seed=5))
-    assert len(long) > 128
-    with scheduling(llm, max_num_batched_tokens=64, enable_prefix_caching=True):
+    long = ids_of(llm, text(24, seed=5))
+    assert len(long) > 256
+    with scheduling(llm, max_num_batched_tokens=128, enable_prefix_caching=True):
         llm.generate([{"prompt_token_ids": long}], GREEDY, use_tqdm=False)  # chunks, decodes
         llm.generate([{"prompt_token_ids": long}], GREEDY, use_tqdm=False)  # a prefix hit
-    assert all(flag == whole for flag, whole, _ in seen)
-    assert [flag for flag, _, _ in seen].count(True) == 1, "only the first chunk of the first run"
-    assert seen[0][0] and seen[0][2] == [64] and not seen[1][0]
+    assert all(flags == expect for flags, expect in seen)
+    assert [flags for flags, _ in seen[:3]] == [(1, True), (1, False), (0, True)]
+    assert [flags for flags, _ in seen].count((1, True)) == 1, "only the first run's first chunk"
 
 
 def test_prefix_cache_reuses_shared_and_partial_prefixes(llm):

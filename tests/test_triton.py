@@ -37,6 +37,8 @@ from longserve.ops.triton import (  # noqa: E402
     causal_prefill,
     paged_decode,
     paged_extend,
+    paged_prefill,
+    reads_pages,
     store_kv,
 )
 
@@ -57,13 +59,20 @@ def _skip_gpu_case(request) -> None:  # noqa: ANN001
 
 
 def random_cache(
-    fmt: str, blocks: int, heads: int, dim: int, dtype: torch.dtype, gen, engine_layout: bool = True
+    fmt: str,
+    blocks: int,
+    heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    gen,  # noqa: ANN001
+    engine_layout: bool = True,
+    bs: int = BS,
 ) -> tuple:
-    """Random paged K/V in a format, and the same values dequantized: [blocks*BS, heads, dim].
+    """Random paged K/V in a format, and the same values dequantized: [blocks*bs, heads, dim].
 
     The pools are laid out as the engine's cache lays them out (paged_pool), or contiguous."""
     name, _, gran = fmt.partition("/")
-    shape = (blocks, BS, heads, dim)
+    shape = (blocks, bs, heads, dim)
 
     def pool(x: torch.Tensor) -> torch.Tensor:
         if not engine_layout:
@@ -104,11 +113,11 @@ def random_cache(
     return kv, ref
 
 
-def ref_attention(q, k, v, lens, qlens, tables, scale):  # noqa: ANN001, ANN201
+def ref_attention(q, k, v, lens, qlens, tables, scale, bs=BS):  # noqa: ANN001, ANN201
     """float32 SDPA per sequence over its gathered context, queries at the end of it."""
     out, s = [], 0
     for i, (ctx, n) in enumerate(zip(lens, qlens, strict=True)):
-        slots = (tables[i][: -(-ctx // BS)].unsqueeze(1) * BS + torch.arange(BS)).flatten()[:ctx]
+        slots = (tables[i][: -(-ctx // bs)].unsqueeze(1) * bs + torch.arange(bs)).flatten()[:ctx]
         ki, vi = k[slots].transpose(0, 1), v[slots].transpose(0, 1)
         qi = q[s : s + n].float().cpu().transpose(0, 1)
         mask = torch.arange(ctx) <= torch.arange(ctx - n, ctx).unsqueeze(1)
@@ -118,9 +127,17 @@ def ref_attention(q, k, v, lens, qlens, tables, scale):  # noqa: ANN001, ANN201
     return torch.cat(out)
 
 
-def make_batch(lens: list[int], qlens: list[int], hq: int, dim: int, dtype, gen) -> tuple:
+def make_batch(
+    lens: list[int],
+    qlens: list[int],
+    hq: int,
+    dim: int,
+    dtype,
+    gen,
+    bs: int = BS,  # noqa: ANN001
+) -> tuple:
     """Queries and shuffled, padded block tables for sequences of the given lengths."""
-    need = [-(-n // BS) for n in lens]
+    need = [-(-n // bs) for n in lens]
     ids = torch.randperm(sum(need) + 3, generator=gen)
     tables, at = [], 0
     width = max(need) + 2
@@ -267,6 +284,59 @@ def test_causal_prefill_refuses_what_tma_cannot_read():
         causal_prefill(q, odd.view(4, 2, 64), q, cu, 4, 0.125)
 
 
+PAGED_PREFILL = _gpu_only(
+    [
+        (8, 2, 64, 64, [300, 77, 40], [200, 77, 1], "fp16"),
+        (3, 1, 64, 128, [500, 129], [129, 129], "fp16"),
+    ]
+    + [
+        (hq, hkv, d, bs, lens, qlens, f)
+        for f in ("bf16", "fp16")
+        for hq, hkv, d, bs, lens, qlens in [
+            (8, 8, 128, 64, [300, 77], [300, 1]),
+            (24, 8, 64, 64, [1000, 513, 16, 2], [200, 513, 1, 2]),
+            (56, 8, 128, 256, [2049], [2049]),
+            (21, 3, 128, 128, [127, 128, 255, 256, 257], [127, 128, 130, 256, 129]),
+            (64, 8, 128, 128, [5000, 4000, 1, 37], [1000, 4000, 1, 1]),
+        ]
+    ],
+    cpu=2,
+)
+
+
+@pytest.mark.parametrize("hq,hkv,dim,bs,lens,qlens,fmt", PAGED_PREFILL)
+def test_paged_prefill_splits_a_step_with_paged_extend(request, hq, hkv, dim, bs, lens, qlens, fmt):
+    """Chunks over their context in pages of 64+ tokens read by TMA, the step split as the engine
+    splits it: sequences that bring 128 queries or more here, the rest (decode rows, short
+    chunks) through paged_extend into the same output."""
+    _skip_gpu_case(request)
+    gen = torch.Generator().manual_seed(sum(lens) + dim + hq + bs)
+    dtype = torch.bfloat16 if CUDA and fmt != "fp16" else torch.float16  # interpreter: no bf16 dot
+    q, tables, table, seq, cu, blocks = make_batch(lens, qlens, hq, dim, dtype, gen, bs)
+    kv, (k, v) = random_cache(fmt, blocks, hkv, dim, dtype, gen, bs=bs)
+    scale = dim**-0.5
+    args = (table, seq, cu, max(qlens), scale)
+    out = paged_prefill(q.to(DEV), kv, *args, at_least=128)
+    out = paged_extend(q.to(DEV), kv, *args, out=out, fewer_than=128)
+    ref = ref_attention(q, k, v, lens, qlens, tables, scale, bs)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_paged_prefill_takes_only_pools_tma_can_read():
+    """bf16/fp16 pools of 64+ token pages laid out head by head; not pages of 16, other
+    layouts, or quantized formats (those take paged_extend)."""
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(3)
+    q = torch.zeros(4, 8, 64, dtype=torch.bfloat16, device=DEV)
+    assert reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=64)[0])
+    assert not reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=16)[0])
+    assert not reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, False, 64)[0])
+    assert not reads_pages(q, random_cache("fp8_e4m3/per_head", 4, 2, 64, q.dtype, gen, bs=64)[0])
+    assert not reads_pages(q.half(), random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=64)[0])
+
+
 # fp8 only on CUDA: the interpreter rounds float8 subnormals differently from the hardware
 STORE = _gpu_only(
     [("int4", 64), ("bf16", 128), ("fp16", 64)]
@@ -354,22 +424,49 @@ def _assert_same_greedy(ref, out, tol: float = 0.05) -> None:  # noqa: ANN001
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["auto", "fp8_e4m3", "int4"])
-def test_engine_on_cuda_matches_reference(fmt, tmp_path, monkeypatch):
-    """Chunked prefill, prefix hits and decode through the kernels, eager and graphed."""
+@pytest.mark.parametrize(
+    "fmt,block_size,budget,tma",
+    [
+        ("auto", 16, 96, ()),
+        ("fp8_e4m3", 16, 96, ()),
+        ("int4", 16, 96, ()),
+        ("auto", 16, 256, ("causal_prefill",)),  # whole prompts by TMA, split with paged_extend
+        ("auto", 128, 256, ("causal_prefill", "paged_prefill")),  # and chunks, from the pages
+    ],
+)
+def test_engine_on_cuda_matches_reference(fmt, block_size, budget, tma, tmp_path, monkeypatch):
+    """Chunked prefill, prefix hits and decode through the kernels, eager and graphed; with a
+    budget of 256 tokens, steps mix sequences of 128+ queries (the TMA kernels') with others."""
     if not CUDA:
         pytest.skip("needs CUDA")
     from longserve import LLM, SamplingParams
     from longserve.ops import attention
+    from longserve.ops.triton import extend
+
+    calls = []
+
+    def spying(name: str):  # noqa: ANN202
+        fn = getattr(extend, name)
+
+        def spy(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls.append(name)
+            return fn(*a, **kw)
+
+        return spy
+
+    for name in ("causal_prefill", "paged_prefill"):
+        monkeypatch.setattr(extend, name, spying(name))
 
     path = _small_model(tmp_path / "m")
     gen = torch.Generator().manual_seed(1)
     shared = torch.randint(0, 1024, (200,), generator=gen).tolist()
     prompts = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in (1, 17, 300, 64)]
     prompts += [shared + [5, 6, 7], shared + [9]]  # the second hits the first's cached prefix
+    prompts += [torch.randint(0, 1024, (700,), generator=gen).tolist()]
     prompts = [{"prompt_token_ids": p} for p in prompts]
     sp = SamplingParams(temperature=0, max_tokens=24, logprobs=5)
-    kw = dict(dtype="bfloat16", num_kv_blocks=512, kv_cache_dtype=fmt, max_num_batched_tokens=96)
+    kw = dict(dtype="bfloat16", num_kv_blocks=8192 // block_size, kv_cache_dtype=fmt)
+    kw.update(block_size=block_size, max_num_batched_tokens=budget)
 
     monkeypatch.setattr(attention, "use_kernels", False)
     ref_llm = LLM(model=path, **kw)
@@ -383,3 +480,4 @@ def test_engine_on_cuda_matches_reference(fmt, tmp_path, monkeypatch):
         outs = llm.generate(prompts, sp, use_tqdm=False)
         for ref, out in zip(refs, outs, strict=True):
             _assert_same_greedy(ref, out)
+    assert set(calls) == set(tma)

@@ -21,7 +21,7 @@ from longserve.engine.request import Request
 from longserve.engine.sampling import Logprob, Sample, sample, top_logprobs
 from longserve.kv.cache import KVCache
 from longserve.models.llama import CausalLM
-from longserve.ops.attention import AttnMeta
+from longserve.ops.attention import TMA_QUERIES, AttnMeta
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -161,7 +161,8 @@ class ModelRunner:
                     plp_rows.append((req, qstart[-2], s, last))
         dev = self.device
         meta = AttnMeta(torch.tensor(slots, dtype=torch.long, device=dev), qstart, ctx, [])
-        meta.whole_prompts = all(c == n for c, (_, n) in zip(ctx, items, strict=True))
+        long = [c == n for c, (_, n) in zip(ctx, items, strict=True) if n >= TMA_QUERIES]
+        meta.long_queries, meta.long_whole = len(long), all(long)
         if dev.type == "cuda":  # one padded table; the reference's per-sequence tables view it
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]

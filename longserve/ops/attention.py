@@ -4,9 +4,12 @@ The torch reference serves the CPU and any device without kernels: for each sequ
 the sequence's cached keys and values through its block table and runs SDPA with the causal
 offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token). On CUDA,
 with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
-(ops/triton): paged decode when every sequence brings one query; a causal prefill over the step's
-own keys when every sequence is a whole prompt with nothing cached before it (bf16/fp16 cache,
-Hopper); paged extend otherwise.
+(ops/triton): paged decode when every sequence brings one query. Otherwise, in a bf16/fp16 cache
+on Hopper, sequences that bring a query tile (TMA_QUERIES) or more take a TMA kernel, one program
+per tile of one query head: over the step's own keys when each of them is a whole prompt with
+nothing cached before it (causal_prefill), else over pages of 64 tokens or more (paged_prefill).
+The paged extend kernel, whose rows pack a KV head's query heads, takes the rest: decode rows
+and short chunks in a mixed step, caches in pages of 16, fp8 and int4.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from longserve.kv.cache import KVCache
 
 use_kernels = True  # False runs the torch reference on CUDA too (the oracle in tests)
+TMA_QUERIES = 128  # queries of one TMA prefill program (prefill_config's BM)
 
 
 @dataclass
@@ -35,7 +39,10 @@ class AttnMeta:
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32, query_start
     max_query_len: int = 0
     max_seq_len: int = 0  # a bound on seq_lens (max_model_len under a CUDA graph)
-    whole_prompts: bool = False  # every sequence's queries are its whole context so far
+    # sequences bringing TMA_QUERIES queries or more: how many, and whether each is a whole
+    # prompt (its queries are its whole context so far)
+    long_queries: int = 0
+    long_whole: bool = False
 
 
 def attention(
@@ -58,11 +65,19 @@ def attention(
             return kernels.paged_decode(
                 q, kv, meta.block_table, meta.seq_lens, scale, meta.max_seq_len
             )
-        if meta.whole_prompts and k is not None and kernels.reads_new_kv(q, kv, k, v):
-            return kernels.causal_prefill(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale)
-        return kernels.paged_extend(
-            q, kv, meta.block_table, meta.seq_lens, meta.cu_seqlens_q, meta.max_query_len, scale
-        )
+        pages = (meta.block_table, meta.seq_lens)
+        rows = (meta.cu_seqlens_q, meta.max_query_len, scale)
+        out = None
+        whole = meta.long_whole and k is not None
+        if meta.long_queries and whole and kernels.reads_new_kv(q, kv, k, v):
+            out = kernels.causal_prefill(q, k, v, *rows, at_least=TMA_QUERIES)
+        elif meta.long_queries and kernels.reads_pages(q, kv):
+            out = kernels.paged_prefill(q, kv, *pages, *rows, at_least=TMA_QUERIES)
+        if out is None:
+            return kernels.paged_extend(q, kv, *pages, *rows)
+        if meta.long_queries < len(meta.context_lens):
+            kernels.paged_extend(q, kv, *pages, *rows, out=out, fewer_than=TMA_QUERIES)
+        return out
     out = torch.empty_like(q)
     group = q.shape[1] // cache.num_kv_heads
     for i, ctx in enumerate(meta.context_lens):

@@ -14,6 +14,8 @@ _WHERE = {
     "paged_extend": "extend",
     "causal_prefill": "extend",
     "reads_new_kv": "extend",
+    "paged_prefill": "extend",
+    "reads_pages": "extend",
     "store_kv": "store",
 }
 __all__ = list(_WHERE)

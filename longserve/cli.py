@@ -50,7 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="longest prompt + output; defaults to the model's window",
     )
-    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=d.block_size,
+        help="tokens per KV block (a power of two; on Hopper, pages of 64+ tokens in a bf16/fp16"
+        " cache let prefill chunks read their context by TMA: 128 is the fastest for long prompts)",
+    )
     g.add_argument(
         "--num-kv-blocks",
         type=int,

@@ -180,7 +180,10 @@ def test_engine_calibration_adds_host_time_and_prices_each_kv_format(llama70b):
         max(cal.kv_read_ms_per_step + cal.weight_read_ms_per_step, cal.decode_compute_ms_per_step)
         + cal.step_overhead_ms
     )
-    assert cal.prefill.attention_s == pytest.approx(ceil.prefill.attention_s / eng.attention)
+    assert cal.prefill.attention_s == pytest.approx(ceil.prefill.attention_s / eng.attention_fp8)
+    bf16 = plan(llama70b, "h200-measured", 1, "fp8", "bf16", T, efficiency=Efficiency())
+    cal = plan(llama70b, "h200-measured", 1, "fp8", "bf16", T)
+    assert cal.prefill.attention_s == pytest.approx(bf16.prefill.attention_s / eng.attention)
 
 
 def test_engine_calibration_is_what_the_committed_measurements_give(tmp_path):

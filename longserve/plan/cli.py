@@ -26,7 +26,8 @@ _EFF_FLAGS = {
     "kv_read_int4": ("--kv-read-int4-eff", "share of the KV-read bandwidth reached on int4 KV"),
     "matmul_bf16": ("--matmul-bf16-eff", "share of the bf16 tensor rate (bf16, int4 weights)"),
     "matmul_fp8": ("--matmul-fp8-eff", "share of the fp8 tensor rate (fp8 weights)"),
-    "attention": ("--attention-eff", "share of the causal prefill attention rate"),
+    "attention": ("--attention-eff", "share of the causal prefill attention rate (bf16 KV)"),
+    "attention_fp8": ("--attention-fp8-eff", "share of the causal prefill attention rate, fp8 KV"),
     "step_overhead_ms": ("--step-overhead-ms", "host time added to every decode step, ms"),
     "step_overhead_ms_per_seq": (
         "--step-overhead-ms-per-seq",

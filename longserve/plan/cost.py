@@ -187,7 +187,7 @@ def plan(
     mm_rate = 1e12 * (
         gpu.fp8_tflops * eff.matmul_fp8 if weights == "fp8" else gpu.bf16_tflops * eff.matmul_bf16
     )
-    attn_rate = gpu.attention_tflops * 1e12 * eff.attention
+    attn_rate = gpu.attention_tflops * 1e12 * eff.attention_for(kv)
     kv_step = batch * context * kv_token_gpu
     w_step = math.ceil(wb.read_per_step / tp)
     linear_params = L * sum(o * i for o, i in layer_linears(m))

@@ -33,7 +33,9 @@ class Efficiency:
     """Fraction of a GPU entry's rate that a path reaches, and the fixed cost of a decode step.
 
     kv_read prices bf16/fp16 KV; kv_read_fp8 and kv_read_int4 the quantized formats, whose
-    dequantizing kernels need not reach the bandwidth the plain one does. step_overhead_ms
+    dequantizing kernels need not reach the bandwidth the plain one does. Prefill attention
+    likewise: attention over bf16/fp16 (and int4, not measured apart) KV, attention_fp8 over fp8
+    KV. step_overhead_ms
     (plus step_overhead_ms_per_seq for each sequence in the batch) is the host's share of a
     decode step: scheduling, input tensors, sampling and launches that the GPU waits on.
     """
@@ -45,6 +47,7 @@ class Efficiency:
     matmul_bf16: float = 1.0
     matmul_fp8: float = 1.0
     attention: float = 1.0
+    attention_fp8: float = 1.0
     step_overhead_ms: float = 0.0
     step_overhead_ms_per_seq: float = 0.0
 
@@ -53,6 +56,10 @@ class Efficiency:
         if kv.startswith("fp8"):
             return self.kv_read_fp8
         return self.kv_read_int4 if kv == "int4" else self.kv_read
+
+    def attention_for(self, kv: str) -> float:
+        """The prefill attention efficiency of a KV format name."""
+        return self.attention_fp8 if kv.startswith("fp8") else self.attention
 
 
 def datasheet(
@@ -107,6 +114,7 @@ MEASURED_EFFICIENCY = Efficiency(
     matmul_bf16=_SEEN.bf16_tflops / _PEAK.bf16_tflops,
     matmul_fp8=_SEEN.fp8_tflops / _PEAK.fp8_tflops,
     attention=_SEEN.attention_tflops / _PEAK.attention_tflops,
+    attention_fp8=_SEEN.attention_tflops / _PEAK.attention_tflops,
 )
 
 # This engine against the measured ceilings, fitted by benchmarks/calibrate_planner.py from its

@@ -300,10 +300,10 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
 
 def chunk_point(context: int, chunk: int) -> dict:
     """The last `chunk` queries of a `context`-token prompt over all of it (a chunked prefill's
-    last step; a prefix-cache hit's new tokens), bf16: paged_extend on pages of 16 and
-    paged_prefill on pages of 32 to 256 (the same keys in each), against SDPA on contiguous K/V:
-    flash with lower-right causal alignment (causal_lower_right) and cuDNN with that mask as a
-    boolean tensor."""
+    last step; a prefix-cache hit's new tokens): paged_extend on pages of 16 and paged_prefill on
+    pages of 32 to 256 (the same keys in each, bf16; then fp8 e4m3 with per-head scales on pages
+    of 16 and 128), against SDPA on contiguous bf16 K/V: flash with lower-right causal alignment
+    (causal_lower_right) and cuDNN with that mask as a boolean tensor."""
     q = torch.randn(chunk, HQ, D, dtype=torch.bfloat16, device=DEV)
     k, v = torch.randn(2, context, HKV, D, dtype=torch.bfloat16, device=DEV)
     seq = torch.tensor([context], dtype=torch.int32, device=DEV)
@@ -311,17 +311,22 @@ def chunk_point(context: int, chunk: int) -> dict:
     flops = 4 * HQ * D * (chunk * (context - chunk) + chunk * (chunk + 1) // 2)
     res = {"context": context, "chunk": chunk, "flops": flops}
     outs = {}
-    for bs in (16, 32, 64, 128, 256):
+    scales = [x.abs().amax((0, 2)).float() / 448 for x in (k, v)]  # per KV head
+    fp8 = [(x / sc[:, None]).to(torch.float8_e4m3fn) for x, sc in zip((k, v), scales, strict=True)]
+    for fmt, bs in [("bf16", b) for b in (16, 32, 64, 128, 256)] + [("fp8", 16), ("fp8", 128)]:
         nb = context // bs
         table = torch.randperm(nb, device=DEV)
-        kv, _ = paged_cache("bf16", nb, block_size=bs)
-        kv.k[table], kv.v[table] = k.view(nb, bs, HKV, D), v.view(nb, bs, HKV, D)
+        kv, _ = paged_cache("bf16" if fmt == "bf16" else "fp8_e4m3", nb, block_size=bs)
+        for pool, x in zip((kv.k, kv.v), (k, v) if fmt == "bf16" else fp8, strict=True):
+            pool[table] = x.view(nb, bs, HKV, D)
+        if fmt == "fp8":
+            kv = PagedKV(kv.k, kv.v, *scales)
         args = (q, kv, table.int().view(1, nb), seq, cu, chunk, D**-0.5)
-        kernels = {"paged_extend": paged_extend} if bs == 16 else {"paged_prefill": paged_prefill}
-        for name, fn in kernels.items():
-            ms = events_ms(lambda fn=fn, args=args: fn(*args))
-            res[f"{name}_bs{bs}"] = {"ms": ms, "tflop_s": flops / ms / 1e9}
-            outs[f"{name}_bs{bs}"] = fn(*args)
+        fn, name = (paged_extend, "paged_extend") if bs == 16 else (paged_prefill, "paged_prefill")
+        name += f"_bs{bs}" if fmt == "bf16" else f"_fp8_bs{bs}"
+        ms = events_ms(lambda fn=fn, args=args: fn(*args))
+        res[name] = {"ms": ms, "tflop_s": flops / ms / 1e9}
+        outs[name] = fn(*args)
         del kv
     qs, ks, vs = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     mask = (

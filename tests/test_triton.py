@@ -288,10 +288,11 @@ PAGED_PREFILL = _gpu_only(
     [
         (8, 2, 64, 64, [300, 77, 40], [200, 77, 1], "fp16"),
         (3, 1, 64, 128, [500, 129], [129, 129], "fp16"),
+        (6, 2, 64, 64, [200, 3], [130, 1], "fp8_e5m2/per_head"),
     ]
     + [
         (hq, hkv, d, bs, lens, qlens, f)
-        for f in ("bf16", "fp16")
+        for f in ("bf16", "fp16", "fp8_e4m3/per_tensor", "fp8_e4m3/per_head")
         for hq, hkv, d, bs, lens, qlens in [
             (8, 8, 128, 64, [300, 77], [300, 1]),
             (24, 8, 64, 64, [1000, 513, 16, 2], [200, 513, 1, 2]),
@@ -300,14 +301,14 @@ PAGED_PREFILL = _gpu_only(
             (64, 8, 128, 128, [5000, 4000, 1, 37], [1000, 4000, 1, 1]),
         ]
     ],
-    cpu=2,
+    cpu=3,
 )
 
 
 @pytest.mark.parametrize("hq,hkv,dim,bs,lens,qlens,fmt", PAGED_PREFILL)
 def test_paged_prefill_splits_a_step_with_paged_extend(request, hq, hkv, dim, bs, lens, qlens, fmt):
-    """Chunks over their context in pages of 64+ tokens read by TMA, the step split as the engine
-    splits it: sequences that bring 128 queries or more here, the rest (decode rows, short
+    """Chunks over their context in pages of 64+ tokens read by TMA (bf16/fp16 or fp8, dequantized
+    in the kernel), the step split as the engine splits it: sequences that bring 128 queries or more here, the rest (decode rows, short
     chunks) through paged_extend into the same output."""
     _skip_gpu_case(request)
     gen = torch.Generator().manual_seed(sum(lens) + dim + hq + bs)
@@ -324,8 +325,8 @@ def test_paged_prefill_splits_a_step_with_paged_extend(request, hq, hkv, dim, bs
 
 @pytest.mark.gpu
 def test_paged_prefill_takes_only_pools_tma_can_read():
-    """bf16/fp16 pools of 64+ token pages laid out head by head; not pages of 16, other
-    layouts, or quantized formats (those take paged_extend)."""
+    """bf16/fp16 (q's dtype) or fp8 pools of 64+ token pages laid out head by head; not pages of
+    16, other layouts, or int4 (those take paged_extend)."""
     if not CUDA:
         pytest.skip("needs CUDA")
     gen = torch.Generator().manual_seed(3)
@@ -333,7 +334,8 @@ def test_paged_prefill_takes_only_pools_tma_can_read():
     assert reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=64)[0])
     assert not reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=16)[0])
     assert not reads_pages(q, random_cache("bf16", 4, 2, 64, q.dtype, gen, False, 64)[0])
-    assert not reads_pages(q, random_cache("fp8_e4m3/per_head", 4, 2, 64, q.dtype, gen, bs=64)[0])
+    assert reads_pages(q, random_cache("fp8_e4m3/per_head", 4, 2, 64, q.dtype, gen, bs=64)[0])
+    assert not reads_pages(q, random_cache("int4", 4, 2, 64, q.dtype, gen, bs=64)[0])
     assert not reads_pages(q.half(), random_cache("bf16", 4, 2, 64, q.dtype, gen, bs=64)[0])
 
 
@@ -432,6 +434,7 @@ def _assert_same_greedy(ref, out, tol: float = 0.05) -> None:  # noqa: ANN001
         ("int4", 16, 96, ()),
         ("auto", 16, 256, ("causal_prefill",)),  # whole prompts by TMA, split with paged_extend
         ("auto", 128, 256, ("causal_prefill", "paged_prefill")),  # and chunks, from the pages
+        ("fp8_e4m3", 128, 256, ("paged_prefill",)),  # fp8 pages: whole prompts read them too
     ],
 )
 def test_engine_on_cuda_matches_reference(fmt, block_size, budget, tma, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from longserve.ops.triton.common import hopper, int4_channels, load_int4_tile, load_tile
-from longserve.ops.triton.kv import PLAIN, PagedKV, extend_config, prefill_config
+from longserve.ops.triton.kv import FP8, PLAIN, PagedKV, extend_config, prefill_config
 
 
 @triton.jit
@@ -218,14 +218,14 @@ def _prefill_tiles(
             blk = tl.load(BT + bt_row + (n0 + BN) // BS, mask=n0 + BN < end, other=0)
         else:
             r = base + n0
-        s = tl.dot(q, desc_k.load([r, col]).T)
+        s = tl.dot(q, desc_k.load([r, col]).to(q.dtype).T)
         if MASK:
             s = tl.where(pos[:, None] >= (n0 + tl.arange(0, BN))[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(q.dtype), desc_v.load([r, col]), acc * alpha[:, None])
+        acc = tl.dot(p.to(q.dtype), desc_v.load([r, col]).to(q.dtype), acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
 
@@ -233,8 +233,9 @@ def _prefill_tiles(
 @triton.jit
 def _prefill_kernel(
     desc_q, desc_k, desc_v, OUT, CUQ, qk_scale, s_ot, s_oh, at_least, BT, SEQ, s_bt, rpb, s_head,
+    KS, VS, s_sh,
     GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     # one program: BM consecutive queries of one head of one sequence
     tile, b, h, q0, n_q = _program(CUQ)
@@ -252,6 +253,13 @@ def _prefill_kernel(
         # rows past the sequence read the next one's queries (or TMA's zeros past the batch):
         # they see key 0 at least, so stay finite, and are not stored
         q = desc_q.load([q0 + m0, h * D])
+        v_scale = 1.0
+        if (
+            FP8
+        ):  # fp16, to which fp8 converts exactly; K's scale joins the softmax's, V's the output
+            q = q.to(tl.float16)
+            qk_scale *= tl.load(KS + kvh * s_sh)
+            v_scale = tl.load(VS + kvh * s_sh)
         rows = m0 + tl.arange(0, BM)
         pos = prefix + rows
         acc = tl.zeros([BM, D], tl.float32)
@@ -269,7 +277,10 @@ def _prefill_kernel(
         )  # fmt: skip
         d = tl.arange(0, D)
         out = OUT + (q0 + rows)[:, None].to(tl.int64) * s_ot + h * s_oh + d[None, :]
-        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=(rows < n_q)[:, None])
+        out_scale = v_scale / l_i
+        tl.store(
+            out, (acc * out_scale[:, None]).to(OUT.dtype.element_ty), mask=(rows < n_q)[:, None]
+        )
 
 
 def _tma_rows(x: torch.Tensor) -> bool:
@@ -314,11 +325,11 @@ def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor, v: torch.Tensor)
 
 
 def reads_pages(q: torch.Tensor, kv: PagedKV) -> bool:
-    """Whether paged_prefill serves the step: a bf16/fp16 cache of q's dtype in pages of 64 tokens
-    or more (a key tile is one box of one page), head by head, on a GPU with TMA."""
+    """Whether paged_prefill serves the step: a bf16/fp16 cache of q's dtype or an fp8 one, in
+    pages of 64 tokens or more (a key tile is one box of one page), head by head, on a GPU with
+    TMA."""
     return (
-        kv.fmt == PLAIN
-        and kv.k.dtype == q.dtype
+        (kv.fmt == FP8 or (kv.fmt == PLAIN and kv.k.dtype == q.dtype))
         and kv.block_size >= MIN_TMA_PAGE
         and q.is_cuda
         and hopper(q.device.index)
@@ -337,31 +348,35 @@ def _prefill(
     config: dict | None,
     out: torch.Tensor | None,
     at_least: int,
-    pages: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    pages: tuple[torch.Tensor, torch.Tensor, PagedKV] | None = None,
 ) -> torch.Tensor:
     """Launches _prefill_kernel over k, v: the step's own keys [T, Hkv, D], or the pools when
-    pages (block table, seq lens, block size) are given."""
+    pages (block table, seq lens, the cache's view) are given."""
     _, hq, dim = q.shape
     cfg = dict(config or prefill_config())
     bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    fp8 = pages is not None and pages[2].fmt == FP8
     if pages is None:
         descs = [_rows(x, [bn, dim]) for x in (k, v)]
         hkv, paged = k.shape[1], (cu_seqlens_q, cu_seqlens_q, 0, 0, 0)  # the last five unused
+        bs = bn
     else:
-        table, seq_lens, bs = pages
+        table, seq_lens, kv = pages
+        bs = kv.block_size
         bn = min(bn, bs)
         descs = [TensorDescriptor(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim])
                  for x in (k, v)]  # fmt: skip
         hkv = k.shape[2]
         paged = (table, seq_lens, table.stride(0), k.stride(0) // dim, k.stride(2) // dim)
+    scales = (pages[2].k_scale, pages[2].v_scale, pages[2].k_scale.stride(0)) if fp8 else (q, q, 0)
     if bm % bn:
         raise ValueError(f"query tile {bm} is not a whole number of key tiles {bn}")
     out = torch.empty_like(q) if out is None else out
     grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
     _prefill_kernel[grid](
         _rows(q, [bm, dim]), *descs, out, cu_seqlens_q, sm_scale * 1.4426950408889634,
-        out.stride(0), out.stride(1), at_least, *paged, GROUP=hq // hkv, D=dim, BM=bm, BN=bn,
-        BS=bn if pages is None else pages[2], PAGED=pages is not None, **cfg,
+        out.stride(0), out.stride(1), at_least, *paged, *scales, GROUP=hq // hkv, D=dim, BM=bm,
+        BN=bn, BS=bs, PAGED=pages is not None, FP8=fp8, **cfg,
     )  # fmt: skip
     return out
 
@@ -396,9 +411,10 @@ def paged_prefill(
     at_least: int = 0,
 ) -> torch.Tensor:
     """paged_extend's attention (each sequence's queries the last of its context: chunked
-    prefill, prefix-cache hits) for a bf16/fp16 cache in pages of MIN_TMA_PAGE tokens or more,
-    each key tile of one head read as one TMA box of one page; key tiles are capped at the page.
-    Hopper and later. Only sequences with at_least queries are computed (into out, if given)."""
-    pages = (block_table, seq_lens, kv.block_size)
+    prefill, prefix-cache hits) for a bf16/fp16 or fp8 cache in pages of MIN_TMA_PAGE tokens or
+    more, each key tile of one head read as one TMA box of one page; key tiles are capped at the
+    page. Hopper and later. Only sequences with at_least queries are computed (into out, if
+    given)."""
+    pages = (block_table, seq_lens, kv)
     args = (cu_seqlens_q, max_query_len, sm_scale, config, out, at_least, pages)
     return _prefill(q, kv.k, kv.v, *args)

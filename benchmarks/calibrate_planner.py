@@ -19,7 +19,7 @@ check the result:
 - matmul_bf16: the 128K prefill of Llama-3.3-70B in bf16 at TP=2 (the eager run), with fp8 KV
   and the shares above (its all-reduces are folded in; an earlier session's run).
 
-Pages of 128 tokens (chunks by the TMA kernel) are outside the model: their row shows the gain.
+Pages of 128 tokens (chunks by the TMA kernel) are outside the model: their rows show the gain.
 
 Writes longserve/data/engine_h200.json (what the planner loads) and prints the predicted-vs-
 measured table before (ceilings) and after (calibrated) for docs/planning.md:
@@ -41,6 +41,7 @@ from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
 SOURCES = {  # the committed measurements, relative to the repository root
     "triton": "benchmarks/results/triton_h200.json",
     "ttft": "benchmarks/results/prefill_ttft_h200.json",
+    "ttft_fp8_128": "benchmarks/results/prefill_ttft_h200_fp8_128.json",
     "prefix": "benchmarks/results/prefix_h200_llama70b_fp8.json",
     "tp2": "benchmarks/results/tp2_llama70b_128k_eager.json",
     "tp2_graphs": "benchmarks/results/tp2_llama70b_128k.json",
@@ -109,7 +110,8 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
     def p70(**kw):  # noqa: ANN202
         return plan(llama70, GPU, 1, "fp8", "fp8_e4m3", doc + turn, efficiency=eff, **kw)
 
-    ttft = {(r["kv_cache_dtype"], r["block_size"]): r for r in data["ttft"]["runs"]}
+    runs = data["ttft"]["runs"] + data["ttft_fp8_128"]["runs"]
+    ttft = {(r["kv_cache_dtype"], r["block_size"]): r for r in runs}
     tokens = data["ttft"]["tokens"]
 
     def long(kv: str) -> float:
@@ -136,6 +138,13 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
             ttft["fp8_e4m3", 16]["ttft_s"],
             "prefill_ttft_h200.json",
             "fit: attention_fp8",
+        ),
+        (
+            "TTFT, same, fp8 KV, pages of 128 (s)",
+            long("fp8_e4m3"),
+            ttft["fp8_e4m3", 128]["ttft_s"],
+            "prefill_ttft_h200_fp8_128.json",
+            "outside the model: TMA chunks",
         ),
         (
             "TTFT, 101K-token prompt, 70B fp8 + fp8 KV (s)",

@@ -55,7 +55,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.block_size,
         help="tokens per KV block (a power of two; on Hopper, pages of 64+ tokens in a bf16/fp16"
-        " cache let prefill chunks read their context by TMA: 128 is the fastest for long prompts)",
+        " or fp8 cache let prefill chunks read their context by TMA: 128 is the fastest for long"
+        " prompts)",
     )
     g.add_argument(
         "--num-kv-blocks",

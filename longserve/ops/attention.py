@@ -4,12 +4,12 @@ The torch reference serves the CPU and any device without kernels: for each sequ
 the sequence's cached keys and values through its block table and runs SDPA with the causal
 offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token). On CUDA,
 with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
-(ops/triton): paged decode when every sequence brings one query. Otherwise, in a bf16/fp16 cache
-on Hopper, sequences that bring a query tile (TMA_QUERIES) or more take a TMA kernel, one program
-per tile of one query head: over the step's own keys when each of them is a whole prompt with
-nothing cached before it (causal_prefill), else over pages of 64 tokens or more (paged_prefill).
-The paged extend kernel, whose rows pack a KV head's query heads, takes the rest: decode rows
-and short chunks in a mixed step, caches in pages of 16, fp8 and int4.
+(ops/triton): paged decode when every sequence brings one query. Otherwise, on Hopper, sequences
+that bring a query tile (TMA_QUERIES) or more take a TMA kernel, one program per tile of one query
+head: over the step's own keys when each of them is a whole prompt with nothing cached before it
+in a bf16/fp16 cache (causal_prefill), else over pages of 64 tokens or more of a bf16/fp16 or fp8
+cache (paged_prefill). The paged extend kernel, whose rows pack a KV head's query heads, takes
+the rest: decode rows and short chunks in a mixed step, pages of 16, int4.
 """
 
 from __future__ import annotations

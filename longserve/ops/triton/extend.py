@@ -207,9 +207,10 @@ def _prefill_tiles(
 ):  # fmt: skip
     """Online softmax over key tiles [start, end). Key n is row base + n of the step's own keys
     (from column col), or, PAGED, row page(n) x rpb + base + n % BS of the pool, where a page's
-    rows of one head lie together. Page ids load a tile ahead, so that the TMA loads wait on no
-    load of their own iteration (on the H200 at 128K, 519 TFLOP/s with it at 3 stages; 450 at 4
-    stages without)."""
+    rows of one head lie together (a last page's rows past the sequence hold zeros or stale keys,
+    finite, and are masked like future ones). Page ids load a tile ahead, so that the TMA loads
+    wait on no load of their own iteration (on the H200 at 128K, 519 TFLOP/s with it at 3
+    stages; 450 at 4 stages without)."""
     if PAGED:
         blk = tl.load(BT + bt_row + start // BS, mask=start < end, other=0)
     for n0 in tl.range(start, end, BN):
@@ -254,9 +255,8 @@ def _prefill_kernel(
         # they see key 0 at least, so stay finite, and are not stored
         q = desc_q.load([q0 + m0, h * D])
         v_scale = 1.0
-        if (
-            FP8
-        ):  # fp16, to which fp8 converts exactly; K's scale joins the softmax's, V's the output
+        # fp8: fp16, to which fp8 converts exactly; K's scale joins the softmax's, V's the output
+        if FP8:
             q = q.to(tl.float16)
             qk_scale *= tl.load(KS + kvh * s_sh)
             v_scale = tl.load(VS + kvh * s_sh)

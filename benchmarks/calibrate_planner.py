@@ -7,6 +7,8 @@ few milliseconds. Each share is fitted from one committed measurement, and the r
 check the result:
 
 - attention: the engine's extend kernel over cuDNN's SDPA, 128K causal prefill, same run;
+- attention_tma: the TMA kernel's chunk over a 128K context in pages of 128, over the same cuDNN
+  figure (the rate chunked prefill runs at with --block-size 128);
 - kv_read, kv_read_fp8, kv_read_int4: the engine's decode kernel in each format over SDPA on bf16
   KV, KV bytes per second, 128K, median over batches 1/8/32, same run;
 - step_overhead_ms (+ _per_seq x batch): the embedded 135M model's decode steps with CUDA graphs
@@ -16,10 +18,12 @@ check the result:
   kernels whose attention share is above), measured in the session of the kernel run;
 - attention_fp8: the same prefill with fp8 KV, given that matmul share (its extend kernel
   dequantizes, and runs slower than the bf16 one);
+- attention_tma_fp8: attention_fp8 times the TMA kernel's rate over paged extend's on fp8 pages
+  (pages of 128 against 16, a chunk over 128K, side by side in one run);
 - matmul_bf16: the 128K prefill of Llama-3.3-70B in bf16 at TP=2 (the eager run), with fp8 KV
   and the shares above (its all-reduces are folded in; an earlier session's run).
 
-Pages of 128 tokens (chunks by the TMA kernel) are outside the model: their rows show the gain.
+The TTFTs in pages of 128 then check the TMA shares end to end.
 
 Writes longserve/data/engine_h200.json (what the planner loads) and prints the predicted-vs-
 measured table before (ceilings) and after (calibrated) for docs/planning.md:
@@ -42,6 +46,7 @@ SOURCES = {  # the committed measurements, relative to the repository root
     "triton": "benchmarks/results/triton_h200.json",
     "ttft": "benchmarks/results/prefill_ttft_h200.json",
     "ttft_fp8_128": "benchmarks/results/prefill_ttft_h200_fp8_128.json",
+    "chunk_fp8": "benchmarks/results/triton_h200_chunk_fp8.json",
     "prefix": "benchmarks/results/prefix_h200_llama70b_fp8.json",
     "tp2": "benchmarks/results/tp2_llama70b_128k_eager.json",
     "tp2_graphs": "benchmarks/results/tp2_llama70b_128k.json",
@@ -59,6 +64,8 @@ def kernel_shares(triton: dict) -> dict:
     pre = next(r for r in triton["prefill"] if r["context"] == 131072)
     name = "bm{BM}_bn{BN}_w{num_warps}_s{num_stages}".format(**extend_config(128, 8))
     attention = pre["configs"][name]["tflop_s"] / pre["cudnn"]["tflop_s"]
+    chunk = next(r for r in triton["chunk"] if r["context"] == 131072)
+    tma = chunk["paged_prefill_bs128"]["tflop_s"] / pre["cudnn"]["tflop_s"]
     rows = [r for r in triton["decode"] if r["context"] == 131072]
     sdpa = {r["batch"]: r["kv_bytes"] / r["sdpa_ms"] for r in rows if r["format"] == "bf16"}
     shares: dict[str, list[float]] = {}
@@ -67,6 +74,7 @@ def kernel_shares(triton: dict) -> dict:
     med = {k: statistics.median(v) for k, v in shares.items()}
     return {
         "attention": attention,
+        "attention_tma": tma,
         "kv_read": med["bf16"],
         "kv_read_fp8": med["fp8_e4m3"],
         "kv_read_int4": med["int4"],
@@ -114,8 +122,10 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
     ttft = {(r["kv_cache_dtype"], r["block_size"]): r for r in runs}
     tokens = data["ttft"]["tokens"]
 
-    def long(kv: str) -> float:
-        return plan(llama70, GPU, 1, "fp8", kv, tokens, efficiency=eff).prefill.ttft_s
+    def long(kv: str, block_size: int = 16) -> float:
+        return plan(
+            llama70, GPU, 1, "fp8", kv, tokens, efficiency=eff, block_size=block_size
+        ).prefill.ttft_s
 
     out = [
         (
@@ -127,10 +137,10 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
         ),
         (
             "TTFT, same, pages of 128 (s)",
-            long("bf16"),
+            long("bf16", 128),
             ttft["auto", 128]["ttft_s"],
             "prefill_ttft_h200.json",
-            "outside the model: TMA chunks",
+            "check",
         ),
         (
             "TTFT, same, fp8 KV, pages of 16 (s)",
@@ -141,10 +151,10 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
         ),
         (
             "TTFT, same, fp8 KV, pages of 128 (s)",
-            long("fp8_e4m3"),
+            long("fp8_e4m3", 128),
             ttft["fp8_e4m3", 128]["ttft_s"],
             "prefill_ttft_h200_fp8_128.json",
-            "outside the model: TMA chunks",
+            "check",
         ),
         (
             "TTFT, 101K-token prompt, 70B fp8 + fp8 KV (s)",
@@ -241,6 +251,7 @@ def main() -> None:
         kv_read_fp8=k["kv_read_fp8"],
         kv_read_int4=k["kv_read_int4"],
         attention=k["attention"],
+        attention_tma=k["attention_tma"],
         step_overhead_ms=fixed,
         step_overhead_ms_per_seq=per_seq,
     )
@@ -250,7 +261,9 @@ def main() -> None:
     fp8 = matmul_share(llama70, 1, "fp8", "bf16", tokens, ttft["auto", 16], eff)
     eff = replace(eff, matmul_fp8=fp8)
     attn8 = attention_share(llama70, "fp8", "fp8_e4m3", tokens, ttft["fp8_e4m3", 16], eff)
-    eff = replace(eff, attention_fp8=attn8)
+    chunk = next(r for r in data["chunk_fp8"]["chunk"] if r["context"] == 131072)
+    gain = chunk["paged_prefill_fp8_bs128"]["tflop_s"] / chunk["paged_extend_fp8_bs16"]["tflop_s"]
+    eff = replace(eff, attention_fp8=attn8, attention_tma_fp8=attn8 * gain)
     bf16 = matmul_share(llama70, 2, "bf16", "fp8_e4m3", 131072, tp2["measured"]["ttft_s"], eff)
     eff = replace(eff, matmul_bf16=bf16)
     eff = Efficiency(**{f: round(v, 4) for f, v in asdict(eff).items()})

@@ -186,6 +186,29 @@ def test_engine_calibration_adds_host_time_and_prices_each_kv_format(llama70b):
     assert cal.prefill.attention_s == pytest.approx(bf16.prefill.attention_s / eng.attention)
 
 
+@pytest.mark.parametrize(
+    "kv,share",
+    [("bf16", "attention_tma"), ("fp8_e4m3", "attention_tma_fp8"), ("int4", "attention")],
+)
+def test_block_size_picks_the_prefill_kernel_share(llama70b, kv, share):
+    """Pages of 64+ tokens price prefill attention at the TMA kernel's share (bf16/fp16 and fp8;
+    int4 keeps paged extend's); pages of 16 at paged extend's; nothing else moves."""
+    eng = engine_efficiency()
+    ceil = plan(llama70b, "h200-measured", 1, "fp8", kv, T, efficiency=Efficiency())
+    small = plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=16)
+    big = plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=128)
+    assert big.prefill.attention_s == pytest.approx(ceil.prefill.attention_s / getattr(eng, share))
+    assert small.prefill.attention_s == pytest.approx(
+        ceil.prefill.attention_s / eng.attention_for(kv)
+    )
+    assert big.tpot_ms == pytest.approx(small.tpot_ms)
+    assert big.max_concurrent_requests == small.max_concurrent_requests
+    if kv != "int4":
+        assert big.prefill.ttft_s < small.prefill.ttft_s
+    with pytest.raises(ValueError, match="block_size"):
+        plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=0)
+
+
 def test_engine_calibration_is_what_the_committed_measurements_give(tmp_path):
     """The shipped calibration equals a refit from the committed H200 results (no hand edits)."""
     from benchmarks.calibrate_planner import main as refit

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict, replace
 
+from longserve.config import EngineConfig
 from longserve.kv.quant import KV_FORMATS
 from longserve.models.weights import WEIGHT_FORMATS
 from longserve.plan.cost import DEFAULT_GPU_MEMORY_UTILIZATION, Plan, load_config, plan
@@ -28,6 +29,14 @@ _EFF_FLAGS = {
     "matmul_fp8": ("--matmul-fp8-eff", "share of the fp8 tensor rate (fp8 weights)"),
     "attention": ("--attention-eff", "share of the causal prefill attention rate (bf16 KV)"),
     "attention_fp8": ("--attention-fp8-eff", "share of the causal prefill attention rate, fp8 KV"),
+    "attention_tma": (
+        "--attention-tma-eff",
+        "share of the causal prefill attention rate, bf16 KV in pages of 64+ tokens",
+    ),
+    "attention_tma_fp8": (
+        "--attention-tma-fp8-eff",
+        "share of the causal prefill attention rate, fp8 KV in pages of 64+ tokens",
+    ),
     "step_overhead_ms": ("--step-overhead-ms", "host time added to every decode step, ms"),
     "step_overhead_ms_per_seq": (
         "--step-overhead-ms-per-seq",
@@ -80,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch", type=int, default=1, help="requests decoding together at that context"
     )
     p.add_argument(
+        "--block-size",
+        type=int,
+        default=EngineConfig.block_size,
+        help="tokens per KV block, as the engine's flag: pages of 64+ tokens (bf16/fp16 or fp8 "
+        "KV) price the prefill's attention at the engine's TMA kernel",
+    )
+    p.add_argument(
         "--prefix-cached",
         type=int,
         default=0,
@@ -130,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_cached=args.prefix_cached,
         efficiency=eff,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
     )
     print(json.dumps(p.to_dict()) if args.json else table(p))
     return 0
@@ -144,8 +161,8 @@ def table(p: Plan) -> str:
     g, e, pre, full = p.gpu, p.efficiency, p.prefill, p.prefill_uncached
     kind = "measured ceilings" if g.measured else "datasheet"
     rows = [
-        f"{p.model} on {p.tp} x {g.name} ({kind}), weights {p.weights}, KV {p.kv}, "
-        f"context {p.context:,}, batch {p.batch}, prefix cached {p.prefix_cached:,}",
+        f"{p.model} on {p.tp} x {g.name} ({kind}), weights {p.weights}, KV {p.kv} in blocks of "
+        f"{p.block_size}, context {p.context:,}, batch {p.batch}, prefix cached {p.prefix_cached:,}",
         "units: GB = 10^9 bytes, GiB = 2^30 bytes, TB/s = 10^12 bytes/s, "
         "TFLOP = 10^12 FLOP, PFLOP = 10^15 FLOP",
         "efficiencies: " + ", ".join(f"{k} {v:.3g}" for k, v in asdict(e).items()),

@@ -85,6 +85,7 @@ class Plan:
     tp: int
     weights: str
     kv: str
+    block_size: int
     context: int
     batch: int
     prefix_cached: int
@@ -152,11 +153,13 @@ def plan(
     prefix_cached: int = 0,
     efficiency: Efficiency | None = None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    block_size: int = EngineConfig.block_size,
 ) -> Plan:
     """Price `batch` requests of `context` tokens each (prompt and output held in KV) on `tp` GPUs.
 
     A cached prefix is shared: concurrent requests hold its KV once, and a prefill computes only
-    the tokens after it. Decode still attends over the whole context of every request.
+    the tokens after it. Decode still attends over the whole context of every request. The KV
+    block size sets which prefill kernel prices the attention (Efficiency.attention_for).
     """
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     eff = efficiency or default_efficiency(gpu)
@@ -165,6 +168,8 @@ def plan(
         raise ValueError(f"batch must be >= 1, got {batch}")
     if not 0 <= prefix_cached < context:
         raise ValueError(f"prefix_cached must be in [0, context), got {prefix_cached}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError("gpu_memory_utilization must be in (0, 1]")
     L, d = m.num_layers, m.head_dim
@@ -187,7 +192,7 @@ def plan(
     mm_rate = 1e12 * (
         gpu.fp8_tflops * eff.matmul_fp8 if weights == "fp8" else gpu.bf16_tflops * eff.matmul_bf16
     )
-    attn_rate = gpu.attention_tflops * 1e12 * eff.attention_for(kv)
+    attn_rate = gpu.attention_tflops * 1e12 * eff.attention_for(kv, block_size)
     kv_step = batch * context * kv_token_gpu
     w_step = math.ceil(wb.read_per_step / tp)
     linear_params = L * sum(o * i for o, i in layer_linears(m))
@@ -214,6 +219,7 @@ def plan(
         tp=tp,
         weights=weights,
         kv=kv,
+        block_size=block_size,
         context=context,
         batch=batch,
         prefix_cached=prefix_cached,

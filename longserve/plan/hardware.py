@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from longserve.ops.triton.kv import MIN_TMA_PAGE
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -35,7 +37,8 @@ class Efficiency:
     kv_read prices bf16/fp16 KV; kv_read_fp8 and kv_read_int4 the quantized formats, whose
     dequantizing kernels need not reach the bandwidth the plain one does. Prefill attention
     likewise: attention over bf16/fp16 (and int4, not measured apart) KV, attention_fp8 over fp8
-    KV. step_overhead_ms
+    KV, and attention_tma / attention_tma_fp8 in pages of MIN_TMA_PAGE tokens or more, where the
+    engine's chunks read their context by TMA. step_overhead_ms
     (plus step_overhead_ms_per_seq for each sequence in the batch) is the host's share of a
     decode step: scheduling, input tensors, sampling and launches that the GPU waits on.
     """
@@ -48,6 +51,8 @@ class Efficiency:
     matmul_fp8: float = 1.0
     attention: float = 1.0
     attention_fp8: float = 1.0
+    attention_tma: float = 1.0
+    attention_tma_fp8: float = 1.0
     step_overhead_ms: float = 0.0
     step_overhead_ms_per_seq: float = 0.0
 
@@ -57,9 +62,12 @@ class Efficiency:
             return self.kv_read_fp8
         return self.kv_read_int4 if kv == "int4" else self.kv_read
 
-    def attention_for(self, kv: str) -> float:
-        """The prefill attention efficiency of a KV format name."""
-        return self.attention_fp8 if kv.startswith("fp8") else self.attention
+    def attention_for(self, kv: str, block_size: int = 16) -> float:
+        """The prefill attention efficiency of a KV format name in pages of block_size tokens."""
+        tma = block_size >= MIN_TMA_PAGE and kv != "int4"
+        if kv.startswith("fp8"):
+            return self.attention_tma_fp8 if tma else self.attention_fp8
+        return self.attention_tma if tma else self.attention
 
 
 def datasheet(
@@ -113,8 +121,10 @@ MEASURED_EFFICIENCY = Efficiency(
     kv_read_int4=_KV_SEEN,
     matmul_bf16=_SEEN.bf16_tflops / _PEAK.bf16_tflops,
     matmul_fp8=_SEEN.fp8_tflops / _PEAK.fp8_tflops,
-    attention=_SEEN.attention_tflops / _PEAK.attention_tflops,
-    attention_fp8=_SEEN.attention_tflops / _PEAK.attention_tflops,
+    **{
+        f: _SEEN.attention_tflops / _PEAK.attention_tflops
+        for f in ("attention", "attention_fp8", "attention_tma", "attention_tma_fp8")
+    },
 )
 
 # This engine against the measured ceilings, fitted by benchmarks/calibrate_planner.py from its

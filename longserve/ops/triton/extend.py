@@ -22,7 +22,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from longserve.ops.triton.common import hopper, int4_channels, load_int4_tile, load_tile
-from longserve.ops.triton.kv import FP8, PLAIN, PagedKV, extend_config, prefill_config
+from longserve.ops.triton.kv import (
+    FP8,
+    MIN_TMA_PAGE,
+    PLAIN,
+    PagedKV,
+    extend_config,
+    prefill_config,
+)
 
 
 @triton.jit
@@ -298,9 +305,6 @@ def _rows(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
         )
     t, heads, dim = x.shape
     return TensorDescriptor(x, [t, heads * dim], [x.stride(0), 1], block)
-
-
-MIN_TMA_PAGE = 64  # tokens a page must hold for paged_prefill: smaller key tiles do not pay
 
 
 def _head_pages(pool: torch.Tensor) -> bool:

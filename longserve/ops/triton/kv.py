@@ -106,6 +106,9 @@ def extend_config(dim: int, group: int) -> dict:
     return dict(BM=64, TM=max(1, 64 // group), BN=64, num_warps=4, num_stages=3)
 
 
+MIN_TMA_PAGE = 64  # tokens a page holds for paged_prefill: at 32 it ran no faster than paged extend
+
+
 def prefill_config() -> dict:
     """Tiles of 128 queries of one head by 128 keys, 8 warps, 3 stages: the best of the H200
     sweep (docs/kernels.md) for Llama-3.3-70B's shape."""

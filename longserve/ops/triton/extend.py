@@ -359,27 +359,27 @@ def _prefill(
     _, hq, dim = q.shape
     cfg = dict(config or prefill_config())
     bm, bn = cfg.pop("BM"), cfg.pop("BN")
-    fp8 = pages is not None and pages[2].fmt == FP8
+    fp8 = False
     if pages is None:
         descs = [_rows(x, [bn, dim]) for x in (k, v)]
-        hkv, paged = k.shape[1], (cu_seqlens_q, cu_seqlens_q, 0, 0, 0)  # the last five unused
-        bs = bn
+        hkv, bs = k.shape[1], bn
+        paged = (cu_seqlens_q, cu_seqlens_q, 0, 0, 0, q, q, 0)  # unused by the contiguous kernel
     else:
         table, seq_lens, kv = pages
         bs = kv.block_size
         bn = min(bn, bs)
         descs = [TensorDescriptor(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim])
                  for x in (k, v)]  # fmt: skip
-        hkv = k.shape[2]
-        paged = (table, seq_lens, table.stride(0), k.stride(0) // dim, k.stride(2) // dim)
-    scales = (pages[2].k_scale, pages[2].v_scale, pages[2].k_scale.stride(0)) if fp8 else (q, q, 0)
+        hkv, fp8 = k.shape[2], kv.fmt == FP8
+        scales = (kv.k_scale, kv.v_scale, kv.k_scale.stride(0)) if fp8 else (q, q, 0)
+        paged = (table, seq_lens, table.stride(0), k.stride(0) // dim, k.stride(2) // dim, *scales)
     if bm % bn:
         raise ValueError(f"query tile {bm} is not a whole number of key tiles {bn}")
     out = torch.empty_like(q) if out is None else out
     grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
     _prefill_kernel[grid](
         _rows(q, [bm, dim]), *descs, out, cu_seqlens_q, sm_scale * 1.4426950408889634,
-        out.stride(0), out.stride(1), at_least, *paged, *scales, GROUP=hq // hkv, D=dim, BM=bm,
+        out.stride(0), out.stride(1), at_least, *paged, GROUP=hq // hkv, D=dim, BM=bm,
         BN=bn, BS=bs, PAGED=pages is not None, FP8=fp8, **cfg,
     )  # fmt: skip
     return out

@@ -104,9 +104,10 @@ def matmul_share(cfg, tp: int, weights: str, kv: str, ctx: int, ttft: float, eff
 
 
 def attention_share(cfg, weights: str, kv: str, ctx: int, ttft: float, eff: Efficiency):  # noqa: ANN001
-    """The attention share of a KV format that makes the planner's TTFT equal the measured one."""
-    full = plan(cfg, GPU, 1, weights, kv, ctx, efficiency=eff).prefill
-    return eff.attention_for(kv) * full.attention_s / (ttft - full.matmul_s)
+    """The attention share of a KV format that makes the planner's TTFT equal the measured one
+    (pages of 16: the paged extend kernel's share)."""
+    full = plan(cfg, GPU, 1, weights, kv, ctx, efficiency=eff, block_size=16).prefill
+    return eff.attention_for(kv, 16) * full.attention_s / (ttft - full.matmul_s)
 
 
 def rows(eff: Efficiency, data: dict) -> list[dict]:

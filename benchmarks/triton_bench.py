@@ -218,15 +218,17 @@ def int4_groups_point(length: int, batch: int) -> dict:
     return res
 
 
-def sdpa_prefill(
+def sdpa_peer(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     backend: SDPBackend,
+    flops: float,
+    outs: dict,
     mask: torch.Tensor | None = None,
 ) -> dict:
-    """One backend's causal attention on [1, H, L, D], causal or under `mask`; K/V expanded to
-    all heads if GQA is refused."""
+    """One SDPA backend on [1, H, L, D], causal or under `mask` (K/V expanded to all heads if
+    GQA is refused): its time, TFLOP/s, and how far each of our outputs lies from its own."""
     for gqa in (True, False):
         kk = k if gqa else k.repeat_interleave(HQ // HKV, 1)
         vv = v if gqa else v.repeat_interleave(HQ // HKV, 1)
@@ -238,9 +240,14 @@ def sdpa_prefill(
                 )
 
         try:
-            return {"ms": events_ms(run), "gqa": "native" if gqa else "expanded", "out": run()}
+            r = {"ms": events_ms(run), "gqa": "native" if gqa else "expanded"}
         except RuntimeError as e:
             err = str(e).splitlines()[0][:200]
+            continue
+        it = run()[0].transpose(0, 1)
+        r.update({f"rel_err_{o}_vs_it": rel_err(x, it) for o, x in outs.items()})
+        r["tflop_s"] = flops / r["ms"] / 1e9
+        return r
     return {"error": err}
 
 
@@ -277,12 +284,7 @@ def prefill_point(length: int, configs: list[dict]) -> dict:
         ("cudnn", SDPBackend.CUDNN_ATTENTION),
         ("flash", SDPBackend.FLASH_ATTENTION),
     ):
-        r = sdpa_prefill(qs, ks.contiguous(), vs.contiguous(), backend)
-        if "out" in r:
-            it = r.pop("out")[0].transpose(0, 1)
-            r.update({f"rel_err_{o}_vs_it": rel_err(x, it) for o, x in outs.items()})
-            r["tflop_s"] = flops / r["ms"] / 1e9
-        res[label] = r
+        res[label] = sdpa_peer(qs, ks.contiguous(), vs.contiguous(), backend, flops, outs)
     best = max(res["configs"], key=lambda c: res["configs"][c]["tflop_s"])
     res["default"] = next(iter(res["configs"]))
     res["best"] = best
@@ -337,12 +339,7 @@ def chunk_point(context: int, chunk: int) -> dict:
         ("flash_lower_right", SDPBackend.FLASH_ATTENTION, causal_lower_right(chunk, context)),
         ("cudnn_mask", SDPBackend.CUDNN_ATTENTION, mask),
     ):
-        r = sdpa_prefill(qs, ks, vs, backend, m)
-        if "out" in r:
-            it = r.pop("out")[0].transpose(0, 1)
-            r.update({f"rel_err_{o}_vs_it": rel_err(x, it) for o, x in outs.items()})
-            r["tflop_s"] = flops / r["ms"] / 1e9
-        res[label] = r
+        res[label] = sdpa_peer(qs, ks, vs, backend, flops, outs, m)
     print(
         f"chunk {chunk} of {context}: "
         + " | ".join(

@@ -199,7 +199,7 @@ def test_block_size_picks_the_prefill_kernel_share(llama70b, kv, share):
     big = plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=128)
     assert big.prefill.attention_s == pytest.approx(ceil.prefill.attention_s / getattr(eng, share))
     assert small.prefill.attention_s == pytest.approx(
-        ceil.prefill.attention_s / eng.attention_for(kv)
+        ceil.prefill.attention_s / eng.attention_for(kv, 16)
     )
     assert big.tpot_ms == pytest.approx(small.tpot_ms)
     assert big.max_concurrent_requests == small.max_concurrent_requests

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from longserve.kv.cache import KVCache
+from longserve.ops.triton.kv import prefill_config
 
 use_kernels = True  # False runs the torch reference on CUDA too (the oracle in tests)
-TMA_QUERIES = 128  # queries of one TMA prefill program (prefill_config's BM)
+TMA_QUERIES = prefill_config()["BM"]  # queries of one TMA prefill program
 
 
 @dataclass
@@ -68,11 +69,11 @@ def attention(
         pages = (meta.block_table, meta.seq_lens)
         rows = (meta.cu_seqlens_q, meta.max_query_len, scale)
         out = None
-        whole = meta.long_whole and k is not None
-        if meta.long_queries and whole and kernels.reads_new_kv(q, kv, k, v):
-            out = kernels.causal_prefill(q, k, v, *rows, at_least=TMA_QUERIES)
-        elif meta.long_queries and kernels.reads_pages(q, kv):
-            out = kernels.paged_prefill(q, kv, *pages, *rows, at_least=TMA_QUERIES)
+        if meta.long_queries:
+            if meta.long_whole and k is not None and kernels.reads_new_kv(q, kv, k, v):
+                out = kernels.causal_prefill(q, k, v, *rows, at_least=TMA_QUERIES)
+            elif kernels.reads_pages(q, kv):
+                out = kernels.paged_prefill(q, kv, *pages, *rows, at_least=TMA_QUERIES)
         if out is None:
             return kernels.paged_extend(q, kv, *pages, *rows)
         if meta.long_queries < len(meta.context_lens):

@@ -62,7 +62,7 @@ class Efficiency:
             return self.kv_read_fp8
         return self.kv_read_int4 if kv == "int4" else self.kv_read
 
-    def attention_for(self, kv: str, block_size: int = 16) -> float:
+    def attention_for(self, kv: str, block_size: int) -> float:
         """The prefill attention efficiency of a KV format name in pages of block_size tokens."""
         tma = block_size >= MIN_TMA_PAGE and kv != "int4"
         if kv.startswith("fp8"):

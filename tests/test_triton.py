@@ -243,6 +243,7 @@ def test_paged_extend(request, hq, hkv, dim, lens, qlens, fmt):
     assert rel_err(out, ref) < 1e-2
 
 
+# causal_prefill is a Gluon kernel, which the interpreter does not run: CUDA only
 PREFILL = _gpu_only(
     [(8, 8, 64, [130, 5]), (6, 2, 64, [40, 1]), (7, 1, 64, [129])]
     + [
@@ -251,7 +252,8 @@ PREFILL = _gpu_only(
         (56, 8, 128, [2049]),
         (21, 3, 128, [127, 128, 255, 256, 257]),
         (8, 8, 128, [random.Random(b).randint(1, 700) for b in range(40)]),
-    ]
+    ],
+    cpu=0,
 )
 
 
@@ -284,11 +286,15 @@ def test_causal_prefill_refuses_what_tma_cannot_read():
         causal_prefill(q, odd.view(4, 2, 64), q, cu, 4, 0.125)
 
 
+# bf16/fp16 pages take the Gluon kernel (CUDA only), fp8 ones a Triton kernel the
+# interpreter runs
 PAGED_PREFILL = _gpu_only(
     [
+        (8, 2, 64, 64, [300, 77, 40], [200, 77, 1], "fp8_e4m3/per_tensor"),
+        (3, 1, 64, 128, [500, 129], [129, 129], "fp8_e4m3/per_head"),
+        (6, 2, 64, 64, [200, 3], [130, 1], "fp8_e5m2/per_head"),
         (8, 2, 64, 64, [300, 77, 40], [200, 77, 1], "fp16"),
         (3, 1, 64, 128, [500, 129], [129, 129], "fp16"),
-        (6, 2, 64, 64, [200, 3], [130, 1], "fp8_e5m2/per_head"),
     ]
     + [
         (hq, hkv, d, bs, lens, qlens, f)

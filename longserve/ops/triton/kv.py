@@ -110,8 +110,10 @@ MIN_TMA_PAGE = 64  # tokens a page holds for paged_prefill: at 32 it ran no fast
 
 
 def prefill_config() -> dict:
-    """Tiles of 128 queries of one head by 128 keys, 8 warps, 3 stages: the best of the H200
-    sweep (docs/kernels.md) for Llama-3.3-70B's shape."""
+    """Tiles of 128 queries of one head by 128 keys, 3 stages (ring slots), for both TMA prefill
+    kernels; 8 warps for the fp8 one (the warp-specialized kernel runs two consumer warpgroups
+    and a producer warp). The best of the H200 sweeps (docs/kernels.md) for Llama-3.3-70B's
+    shape."""
     return dict(BM=128, BN=128, num_warps=8, num_stages=3)
 
 

@@ -1,0 +1,318 @@
+"""Causal prefill on Hopper for bf16/fp16 keys, warp-specialized (Gluon): FA3's scheme.
+
+A CTA computes BM queries of one head. One producer warp only issues TMA loads: the queries,
+then the K and V tiles into a ring of buffers, each with a ready and an empty barrier. Two
+consumer warpgroups take BM/2 query rows each and share every tile. A consumer issues the next
+tile's q . k^T as an asynchronous wgmma before this tile's p @ v, and runs the softmax while
+both are in flight, so the tensor cores are never idle on the softmax's account; Triton's own
+pipeliner waits on each wgmma right after it is issued (docs/kernels.md).
+
+Keys come from the step's own new K/V (whole prompts: row q0 + n of a sequence's keys) or from
+the paged pools (chunks and prefix-cache hits: a key tile is one TMA box of one page, the pool
+laid out head by head), as in extend.py's kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+CONSUMER_REGS = gl.constexpr(
+    240
+)  # each consumer holds a score tile in flight beside the next, p and the output
+PRODUCER_REGS = gl.constexpr(24)  # the producer only computes addresses
+MAXNREG = 168  # launch registers a thread: 12 warps (3 warpgroups) x 168 fill the SM's 64K
+
+
+@gluon.jit
+def _load_partition(
+    q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+    q_row, h, kvh, key0, BT, bt_row, rpb, n_tiles,
+    STAGES: gl.constexpr, BS: gl.constexpr, PAGED: gl.constexpr,
+):  # fmt: skip
+    """Queries first, then K and V tile by tile, each into its ring slot once both consumers have
+    released it. Key tile j is row key0 + j x BN of the step's keys (from column kvh x D), or,
+    PAGED, row page x rpb + key0 + (j x BN) % BS of the pool (key0: the head's offset)."""
+    HM: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            q_desc, [q_row + w * HM, h * D], q_bar.index(w), q_bufs.index(w)
+        )
+    col = 0 if PAGED else kvh * D
+    for j in range(n_tiles):
+        s = j % STAGES
+        phase = (j // STAGES) & 1
+        if PAGED:
+            page = gl.load(BT + bt_row + j * BN // BS)
+            row = page * rpb + key0 + j * BN % BS
+        else:
+            row = key0 + j * BN
+        # a slot starts empty: its first wait (phase 1) passes at once
+        mbarrier.wait(k_empty.index(s), phase ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(s), k_bufs.index(s))
+        mbarrier.wait(v_empty.index(s), phase ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def _softmax_partition(
+    q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+    OUT, s_ot, s_oh, h, q0, m0, prefix, n_q, n_tiles, qk_scale,
+    WG: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """Queries m0 + WG x HM .. of the sequence's n_q (at positions prefix + those), online
+    softmax over n_tiles key tiles, causal; rows past the sequence are computed (they see key 0
+    at least, so stay finite) and not stored."""
+    HM: gl.constexpr = q_bufs.type.shape[1]
+    D: gl.constexpr = q_bufs.type.shape[2]
+    BN: gl.constexpr = k_bufs.type.shape[1]
+    dtype: gl.constexpr = q_bufs.dtype
+    first = prefix + m0 + WG * HM  # the position of the warpgroup's first query
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    pos = gl.expand_dims(first + gl.arange(0, HM, layout=gl.SliceLayout(1, s_layout)), 1)
+    cols = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)), 0)
+    q = q_bufs.index(WG)
+    zero = gl.zeros([HM, BN], gl.float32, s_layout)
+    mbarrier.wait(q_bar.index(WG), 0)
+
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if first < BN - 1:  # the tile reaches past the first query: mask
+        s = gl.where(pos >= cols, s, float("-inf"))
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    l_i = gl.sum(p, 1)
+    acc = gl.zeros([HM, D], gl.float32, o_layout)
+    for j in range(1, n_tiles):
+        s_j = j % STAGES
+        s_p = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(s_j), (j // STAGES) & 1)
+        s = warpgroup_mma(q, k_bufs.index(s_j).permute((1, 0)), zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(s_p), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(s_p), acc,
+                            is_async=True)  # fmt: skip
+        s = warpgroup_mma_wait(1, deps=(s,))  # this tile's scores; p @ v still in flight
+        mbarrier.arrive(k_empty.index(s_j), count=1)
+        if first < (j + 1) * BN - 1:
+            s = gl.where(pos >= j * BN + cols, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(s_p), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    s_l = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(s_l), ((n_tiles - 1) // STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(s_l), acc)
+    mbarrier.arrive(v_empty.index(s_l), count=1)
+
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows = m0 + WG * HM + gl.arange(0, HM, layout=o_rows)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)), 0)
+    ptr = OUT + gl.expand_dims((q0 + rows).to(gl.int64) * s_ot + h * s_oh, 1) + d
+    gl.store(ptr, out.to(OUT.dtype.element_ty), mask=gl.expand_dims(rows < n_q, 1))
+
+
+@gluon.jit
+def _warp_prefill_kernel(
+    q_desc, k_desc, v_desc, OUT, CUQ, SEQ, BT, qk_scale, s_ot, s_oh, s_bt, rpb, s_head, at_least,
+    GROUP: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr, PAGED: gl.constexpr,
+):  # fmt: skip
+    # one CTA: 2 x HM consecutive queries of one head of one sequence, the grid's last first
+    # (longest causal work first)
+    HM: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    b = gl.program_id(1)
+    h = gl.program_id(2)
+    q0 = gl.load(CUQ + b)
+    n_q = gl.load(CUQ + b + 1) - q0
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * 2 * HM
+    if m0 < n_q and n_q >= at_least:
+        kvh = h // GROUP
+        if PAGED:  # the queries are the last n_q of the context, in the pool's pages
+            prefix = gl.load(SEQ + b) - n_q
+            key0 = kvh * s_head
+        else:  # a whole prompt: its keys are the step's rows of its queries
+            prefix = gl.to_tensor(0)
+            key0 = q0
+        n_tiles = gl.cdiv(prefix + gl.minimum(m0 + 2 * HM, n_q), BN)
+        dtype: gl.constexpr = q_desc.dtype
+        q_bufs = gl.allocate_shared_memory(dtype, [2, HM, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
+        bar: gl.constexpr = mbarrier.MBarrierLayout()
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        for w in gl.static_range(2):
+            mbarrier.init(q_bar.index(w), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival from each consumer
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        # (tuples written out: a concatenated one would carry the constexprs as plain ints)
+        gl.warp_specialize(
+            [
+                (
+                    _softmax_partition,
+                    (
+                        q_bufs,
+                        k_bufs,
+                        v_bufs,
+                        q_bar,
+                        k_ready,
+                        k_empty,
+                        v_ready,
+                        v_empty,
+                        OUT,
+                        s_ot,
+                        s_oh,
+                        h,
+                        q0,
+                        m0,
+                        prefix,
+                        n_q,
+                        n_tiles,
+                        qk_scale,
+                        WG0,
+                        STAGES,
+                    ),
+                ),
+                (
+                    _softmax_partition,
+                    (
+                        q_bufs,
+                        k_bufs,
+                        v_bufs,
+                        q_bar,
+                        k_ready,
+                        k_empty,
+                        v_ready,
+                        v_empty,
+                        OUT,
+                        s_ot,
+                        s_oh,
+                        h,
+                        q0,
+                        m0,
+                        prefix,
+                        n_q,
+                        n_tiles,
+                        qk_scale,
+                        WG1,
+                        STAGES,
+                    ),
+                ),
+                (
+                    _load_partition,
+                    (
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        q_bufs,
+                        k_bufs,
+                        v_bufs,
+                        q_bar,
+                        k_ready,
+                        k_empty,
+                        v_ready,
+                        v_empty,
+                        q0 + m0,
+                        h,
+                        kvh,
+                        key0,
+                        BT,
+                        b * s_bt,
+                        rpb,
+                        n_tiles,
+                        STAGES,
+                        BS,
+                        PAGED,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def _desc(
+    x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]
+) -> TensorDescriptor:
+    """A 2-D descriptor over x's memory, in `block` tiles with the swizzled layout wgmma reads."""
+    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(x, shape, strides, block, layout)
+
+
+def warp_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_query_len: int,
+    sm_scale: float,
+    out: torch.Tensor,
+    at_least: int,
+    config: dict,
+    pages: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's queries q [T, Hq, D] (rows side by side, checked by
+    the caller) over k/v: the step's own keys [T, Hkv, D], or, with pages (block table, seq
+    lens, block size), the pools [blocks, BS, Hkv, D] laid out head by head. BM queries a CTA,
+    BN keys a tile (at most a page), num_stages ring slots, from config."""
+    _, hq, dim = q.shape
+    bm, stages = config["BM"], config["num_stages"]
+    qd = _desc(q, [q.shape[0], hq * dim], [q.stride(0), 1], [bm // 2, dim])
+    if pages is None:
+        bn, hkv = config["BN"], k.shape[1]
+        kd, vd = (_desc(x, [x.shape[0], hkv * dim], [x.stride(0), 1], [bn, dim]) for x in (k, v))
+        table, seq_lens, bs = cu_seqlens_q, cu_seqlens_q, bn  # unused by the contiguous kernel
+        paged = (0, 0, 0)
+    else:
+        table, seq_lens, bs = pages
+        bn, hkv = min(config["BN"], bs), k.shape[2]
+        kd, vd = (
+            _desc(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim]) for x in (k, v)
+        )
+        paged = (table.stride(0), k.stride(0) // dim, k.stride(2) // dim)
+    grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
+    _warp_prefill_kernel[grid](
+        qd, kd, vd, out, cu_seqlens_q, seq_lens, table, sm_scale * 1.4426950408889634,
+        out.stride(0), out.stride(1), *paged, at_least, GROUP=hq // hkv, STAGES=stages, BS=bs,
+        PAGED=pages is not None, num_warps=4, maxnreg=MAXNREG,
+    )  # fmt: skip
+    return out

@@ -12,8 +12,7 @@ no mask and run a separate, cheaper loop; tiles run longest first to even out th
 On Hopper, sequences of 128 queries or more read their keys with the tensor memory accelerator
 (TMA) instead: causal_prefill for a step of whole prompts in a bf16/fp16 cache (the keys they
 need are exactly the step's own, contiguous), paged_prefill for pages of 64+ tokens (a key tile
-one box of one page). bf16/fp16 keys take the warp-specialized kernel of warp_prefill.py; fp8
-pages take _fp8_prefill_kernel here, which converts each tile to fp16 in registers.
+one box of one page), both by the warp-specialized kernel of warp_prefill.py.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from longserve.ops.triton.common import hopper, int4_channels, load_int4_tile, load_tile
 from longserve.ops.triton.kv import (
@@ -210,74 +208,6 @@ def paged_extend(
     return out
 
 
-@triton.jit
-def _fp8_tiles(
-    acc, m_i, l_i, q, desc_k, desc_v, BT, bt_row, base, rpb, pos, start, end, qk_scale,
-    MASK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-):  # fmt: skip
-    """Online softmax over key tiles [start, end). Key n is row page(n) x rpb + base + n % BS of
-    the pool, where a page's rows of one head lie together (a last page's rows past the sequence
-    hold zeros or stale keys, finite, and are masked like future ones). Page ids load a tile
-    ahead, so that the TMA loads wait on no load of their own iteration (on the H200 at 128K in
-    bf16, 519 TFLOP/s with it at 3 stages; 450 at 4 stages without)."""
-    blk = tl.load(BT + bt_row + start // BS, mask=start < end, other=0)
-    for n0 in tl.range(start, end, BN):
-        r = blk * rpb + base + n0 % BS
-        blk = tl.load(BT + bt_row + (n0 + BN) // BS, mask=n0 + BN < end, other=0)
-        s = tl.dot(q, desc_k.load([r, 0]).to(q.dtype).T)
-        if MASK:
-            s = tl.where(pos[:, None] >= (n0 + tl.arange(0, BN))[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(q.dtype), desc_v.load([r, 0]).to(q.dtype), acc * alpha[:, None])
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _fp8_prefill_kernel(
-    desc_q, desc_k, desc_v, OUT, CUQ, qk_scale, s_ot, s_oh, at_least, BT, SEQ, s_bt, rpb, s_head,
-    KS, VS, s_sh,
-    GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-):  # fmt: skip
-    # one program: BM consecutive queries of one head of one sequence, the last n_q of its
-    # context, in the pool's pages
-    tile, b, h, q0, n_q = _program(CUQ)
-    m0 = tile * BM
-    if m0 < n_q and n_q >= at_least:
-        kvh = h // GROUP
-        prefix = tl.load(SEQ + b) - n_q
-        # rows past the sequence read the next one's queries (or TMA's zeros past the batch):
-        # they see key 0 at least, so stay finite, and are not stored. fp8 tiles compute in
-        # fp16, to which fp8 converts exactly; K's scale joins the softmax's, V's the output
-        q = desc_q.load([q0 + m0, h * D]).to(tl.float16)
-        qk_scale *= tl.load(KS + kvh * s_sh)
-        rows = m0 + tl.arange(0, BM)
-        pos = prefix + rows
-        acc = tl.zeros([BM, D], tl.float32)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        full_end = (prefix + m0 + 1) // BN * BN  # keys below it are visible to every row
-        bt_row = b * s_bt
-        base = kvh * s_head
-        acc, m_i, l_i = _fp8_tiles(
-            acc, m_i, l_i, q, desc_k, desc_v, BT, bt_row, base, rpb, pos, 0, full_end, qk_scale,
-            False, BN, BS,
-        )  # fmt: skip
-        acc, m_i, l_i = _fp8_tiles(
-            acc, m_i, l_i, q, desc_k, desc_v, BT, bt_row, base, rpb, pos, full_end,
-            prefix + tl.minimum(m0 + BM, n_q), qk_scale, True, BN, BS,
-        )  # fmt: skip
-        d = tl.arange(0, D)
-        out = OUT + (q0 + rows)[:, None].to(tl.int64) * s_ot + h * s_oh + d[None, :]
-        out_scale = tl.load(VS + kvh * s_sh) / l_i
-        tl.store(
-            out, (acc * out_scale[:, None]).to(OUT.dtype.element_ty), mask=(rows < n_q)[:, None]
-        )
-
-
 def _tma_rows(x: torch.Tensor) -> bool:
     """[T, heads, D] with each token's heads side by side, channels contiguous, rows and start on
     16 bytes: what a TMA descriptor over [T, heads x D] takes."""
@@ -365,30 +295,10 @@ def paged_prefill(
     """paged_extend's attention (each sequence's queries the last of its context: chunked
     prefill, prefix-cache hits) for a bf16/fp16 or fp8 cache in pages of MIN_TMA_PAGE tokens or
     more, each key tile of one head read as one TMA box of one page; key tiles are capped at the
-    page. bf16/fp16 pages take the warp-specialized kernel (warp_prefill.py), fp8 ones
-    _fp8_prefill_kernel. Hopper and later. Only sequences with at_least queries are computed
-    (into out, if given)."""
+    page, by the warp-specialized kernel (warp_prefill.py). Hopper and later. Only sequences with
+    at_least queries are computed (into out, if given)."""
     _check_rows(q)
-    _, hq, dim = q.shape
-    cfg = config or prefill_config()
     out = torch.empty_like(q) if out is None else out
-    if kv.fmt != FP8:
-        pages = (block_table, seq_lens, kv.block_size)
-        args = (cu_seqlens_q, max_query_len, sm_scale, out, at_least, cfg, pages)
-        return warp_prefill(q, kv.k, kv.v, *args)
-    bm, bn = cfg["BM"], min(cfg["BN"], kv.block_size)
-    descs = [
-        TensorDescriptor(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim])
-        for x in (kv.k, kv.v)
-    ]
-    hkv = kv.k.shape[2]
-    grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
-    _fp8_prefill_kernel[grid](
-        TensorDescriptor(q, [q.shape[0], hq * dim], [q.stride(0), 1], [bm, dim]), *descs, out,
-        cu_seqlens_q, sm_scale * 1.4426950408889634, out.stride(0), out.stride(1), at_least,
-        block_table, seq_lens, block_table.stride(0), kv.k.stride(0) // dim,
-        kv.k.stride(2) // dim, kv.k_scale, kv.v_scale, kv.k_scale.stride(0), GROUP=hq // hkv,
-        D=dim, BM=bm, BN=bn, BS=kv.block_size, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )  # fmt: skip
-    return out
+    pages = (block_table, seq_lens, kv)
+    args = (cu_seqlens_q, max_query_len, sm_scale, out, at_least, config or prefill_config(), pages)
+    return warp_prefill(q, kv.k, kv.v, *args)

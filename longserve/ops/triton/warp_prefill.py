@@ -27,10 +27,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from longserve.ops.triton.kv import FP8, PagedKV
+
 CONSUMER_REGS = gl.constexpr(
     240
 )  # each consumer holds a score tile in flight beside the next, p and the output
 PRODUCER_REGS = gl.constexpr(24)  # the producer only computes addresses
+FP8_STAGES = 2  # fp8 ring slots: with each consumer's fp16 K and V tiles, 224 KB of shared memory
 MAXNREG = 168  # launch registers a thread: 12 warps (3 warpgroups) x 168 fill the SM's 64K
 
 
@@ -70,18 +73,38 @@ def _load_partition(
 
 
 @gluon.jit
+def _to_f16(src, dst, ready, empty, slot, phase):
+    """Waits for an fp8 ring slot, writes it into this warpgroup's fp16 tile (fp8 converts to
+    fp16 exactly) 32 rows at a time, and releases the slot. The fence and the warpgroup's barrier
+    order every thread's stores before the wgmma that reads the tile."""
+    BN: gl.constexpr = src.type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+    mbarrier.wait(ready.index(slot), phase)
+    raw = src.index(slot)
+    for r in gl.static_range(0, BN, 32):
+        dst.slice(r, 32).store(raw.slice(r, 32).load(layout).to(gl.float16))
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(slot), count=1)
+
+
+@gluon.jit
 def _softmax_partition(
-    q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-    OUT, s_ot, s_oh, h, q0, m0, prefix, n_q, n_tiles, qk_scale,
-    WG: gl.constexpr, STAGES: gl.constexpr,
+    q_bufs, k_bufs, v_bufs, k16_bufs, v16_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+    OUT, s_ot, s_oh, h, q0, m0, prefix, n_q, n_tiles, qk_scale, v_scale,
+    WG: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
 ):  # fmt: skip
     """Queries m0 + WG x HM .. of the sequence's n_q (at positions prefix + those), online
     softmax over n_tiles key tiles, causal; rows past the sequence are computed (they see key 0
-    at least, so stay finite) and not stored."""
+    at least, so stay finite) and not stored.
+
+    FP8: the ring holds fp8 tiles, which this warpgroup converts into its own fp16 K and V tiles
+    (k16_bufs, v16_bufs), q too (in place), and the dots run in fp16: K_j+1 is converted as soon
+    as q . K_j^T is in (the fp16 K tile is then free), V_j while q . K_j+1^T runs."""
     HM: gl.constexpr = q_bufs.type.shape[1]
     D: gl.constexpr = q_bufs.type.shape[2]
     BN: gl.constexpr = k_bufs.type.shape[1]
-    dtype: gl.constexpr = q_bufs.dtype
+    dtype: gl.constexpr = gl.float16 if FP8 else q_bufs.dtype
     first = prefix + m0 + WG * HM  # the position of the warpgroup's first query
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
@@ -96,10 +119,22 @@ def _softmax_partition(
     zero = gl.zeros([HM, BN], gl.float32, s_layout)
     mbarrier.wait(q_bar.index(WG), 0)
 
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    mbarrier.arrive(k_empty.index(0), count=1)
+    if FP8:
+        k16 = k16_bufs.index(WG)
+        v16 = v16_bufs.index(WG)
+        q16 = q._reinterpret(gl.float16, [HM, D], k16.layout)
+        q16.store(q.load(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])).to(gl.float16))
+        fence_async_shared()
+        gl.thread_barrier()
+        q = q16
+        _to_f16(k_bufs, k16, k_ready, k_empty, 0, 0)
+        s = warpgroup_mma(q, k16.permute((1, 0)), zero, use_acc=False)
+        if n_tiles > 1:
+            _to_f16(k_bufs, k16, k_ready, k_empty, 1 % STAGES, (1 // STAGES) & 1)
+    else:
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), zero, use_acc=False)
+        mbarrier.arrive(k_empty.index(0), count=1)
     if first < BN - 1:  # the tile reaches past the first query: mask
         s = gl.where(pos >= cols, s, float("-inf"))
     m_i = gl.max(s, 1) * qk_scale
@@ -109,13 +144,26 @@ def _softmax_partition(
     for j in range(1, n_tiles):
         s_j = j % STAGES
         s_p = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(s_j), (j // STAGES) & 1)
-        s = warpgroup_mma(q, k_bufs.index(s_j).permute((1, 0)), zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(s_p), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(s_p), acc,
-                            is_async=True)  # fmt: skip
+        if FP8:
+            kt = k16
+        else:
+            mbarrier.wait(k_ready.index(s_j), (j // STAGES) & 1)
+            kt = k_bufs.index(s_j)
+        s = warpgroup_mma(q, kt.permute((1, 0)), zero, use_acc=False, is_async=True)
+        if FP8:
+            _to_f16(v_bufs, v16, v_ready, v_empty, s_p, ((j - 1) // STAGES) & 1)
+            vt = v16
+        else:
+            mbarrier.wait(v_ready.index(s_p), ((j - 1) // STAGES) & 1)
+            vt = v_bufs.index(s_p)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), vt, acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s,))  # this tile's scores; p @ v still in flight
-        mbarrier.arrive(k_empty.index(s_j), count=1)
+        if FP8:
+            if j + 1 < n_tiles:
+                s_n = (j + 1) % STAGES
+                _to_f16(k_bufs, k16, k_ready, k_empty, s_n, ((j + 1) // STAGES) & 1)
+        else:
+            mbarrier.arrive(k_empty.index(s_j), count=1)
         if first < (j + 1) * BN - 1:
             s = gl.where(pos >= j * BN + cols, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -124,16 +172,21 @@ def _softmax_partition(
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(v_empty.index(s_p), count=1)
+        if not FP8:
+            mbarrier.arrive(v_empty.index(s_p), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     s_l = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(s_l), ((n_tiles - 1) // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(s_l), acc)
-    mbarrier.arrive(v_empty.index(s_l), count=1)
+    if FP8:
+        _to_f16(v_bufs, v16, v_ready, v_empty, s_l, ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v16, acc)
+    else:
+        mbarrier.wait(v_ready.index(s_l), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_bufs.index(s_l), acc)
+        mbarrier.arrive(v_empty.index(s_l), count=1)
 
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     rows = m0 + WG * HM + gl.arange(0, HM, layout=o_rows)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    out = acc * gl.expand_dims(v_scale / gl.convert_layout(l_i, o_rows), 1)
     d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)), 0)
     ptr = OUT + gl.expand_dims((q0 + rows).to(gl.int64) * s_ot + h * s_oh, 1) + d
     gl.store(ptr, out.to(OUT.dtype.element_ty), mask=gl.expand_dims(rows < n_q, 1))
@@ -142,7 +195,9 @@ def _softmax_partition(
 @gluon.jit
 def _warp_prefill_kernel(
     q_desc, k_desc, v_desc, OUT, CUQ, SEQ, BT, qk_scale, s_ot, s_oh, s_bt, rpb, s_head, at_least,
+    KS, VS, s_sh,
     GROUP: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr, PAGED: gl.constexpr,
+    FP8: gl.constexpr,
 ):  # fmt: skip
     # one CTA: 2 x HM consecutive queries of one head of one sequence, the grid's last first
     # (longest causal work first)
@@ -163,10 +218,19 @@ def _warp_prefill_kernel(
             prefix = gl.to_tensor(0)
             key0 = q0
         n_tiles = gl.cdiv(prefix + gl.minimum(m0 + 2 * HM, n_q), BN)
-        dtype: gl.constexpr = q_desc.dtype
-        q_bufs = gl.allocate_shared_memory(dtype, [2, HM, D], q_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, HM, D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+        if FP8:  # each consumer's fp16 K and V tiles; K's scale joins the softmax's, V's the output
+            f16: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], gl.float16)
+            k16_bufs = gl.allocate_shared_memory(gl.float16, [2, BN, D], f16)
+            v16_bufs = gl.allocate_shared_memory(gl.float16, [2, BN, D], f16)
+            qk_scale *= gl.load(KS + kvh * s_sh)
+            v_scale = gl.load(VS + kvh * s_sh)
+        else:
+            k16_bufs = k_bufs
+            v16_bufs = v_bufs
+            v_scale = gl.to_tensor(1.0)
         bar: gl.constexpr = mbarrier.MBarrierLayout()
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
@@ -184,97 +248,38 @@ def _warp_prefill_kernel(
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         # (tuples written out: a concatenated one would carry the constexprs as plain ints)
+        # fmt: off
         gl.warp_specialize(
             [
-                (
-                    _softmax_partition,
-                    (
-                        q_bufs,
-                        k_bufs,
-                        v_bufs,
-                        q_bar,
-                        k_ready,
-                        k_empty,
-                        v_ready,
-                        v_empty,
-                        OUT,
-                        s_ot,
-                        s_oh,
-                        h,
-                        q0,
-                        m0,
-                        prefix,
-                        n_q,
-                        n_tiles,
-                        qk_scale,
-                        WG0,
-                        STAGES,
-                    ),
-                ),
-                (
-                    _softmax_partition,
-                    (
-                        q_bufs,
-                        k_bufs,
-                        v_bufs,
-                        q_bar,
-                        k_ready,
-                        k_empty,
-                        v_ready,
-                        v_empty,
-                        OUT,
-                        s_ot,
-                        s_oh,
-                        h,
-                        q0,
-                        m0,
-                        prefix,
-                        n_q,
-                        n_tiles,
-                        qk_scale,
-                        WG1,
-                        STAGES,
-                    ),
-                ),
-                (
-                    _load_partition,
-                    (
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        q_bufs,
-                        k_bufs,
-                        v_bufs,
-                        q_bar,
-                        k_ready,
-                        k_empty,
-                        v_ready,
-                        v_empty,
-                        q0 + m0,
-                        h,
-                        kvh,
-                        key0,
-                        BT,
-                        b * s_bt,
-                        rpb,
-                        n_tiles,
-                        STAGES,
-                        BS,
-                        PAGED,
-                    ),
-                ),
+                (_softmax_partition, (q_bufs, k_bufs, v_bufs, k16_bufs, v16_bufs, q_bar, k_ready,
+                                      k_empty, v_ready, v_empty, OUT, s_ot, s_oh, h, q0, m0,
+                                      prefix, n_q, n_tiles, qk_scale, v_scale, WG0, STAGES, FP8)),
+                (_softmax_partition, (q_bufs, k_bufs, v_bufs, k16_bufs, v16_bufs, q_bar, k_ready,
+                                      k_empty, v_ready, v_empty, OUT, s_ot, s_oh, h, q0, m0,
+                                      prefix, n_q, n_tiles, qk_scale, v_scale, WG1, STAGES, FP8)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                                   k_empty, v_ready, v_empty, q0 + m0, h, kvh, key0, BT, b * s_bt,
+                                   rpb, n_tiles, STAGES, BS, PAGED)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )
+        # fmt: on
+
+
+_GL_DTYPES = {
+    torch.bfloat16: gl.bfloat16,
+    torch.float16: gl.float16,
+    torch.float8_e4m3fn: gl.float8e4nv,
+    torch.float8_e5m2: gl.float8e5,
+}
 
 
 def _desc(
     x: torch.Tensor, shape: list[int], strides: list[int], block: list[int]
 ) -> TensorDescriptor:
     """A 2-D descriptor over x's memory, in `block` tiles with the swizzled layout wgmma reads."""
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[x.dtype])
     return TensorDescriptor(x, shape, strides, block, layout)
 
 
@@ -288,22 +293,26 @@ def warp_prefill(
     out: torch.Tensor,
     at_least: int,
     config: dict,
-    pages: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    pages: tuple[torch.Tensor, torch.Tensor, PagedKV] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries q [T, Hq, D] (rows side by side, checked by
     the caller) over k/v: the step's own keys [T, Hkv, D], or, with pages (block table, seq
-    lens, block size), the pools [blocks, BS, Hkv, D] laid out head by head. BM queries a CTA,
-    BN keys a tile (at most a page), num_stages ring slots, from config."""
+    lens, the cache's view), its pools [blocks, BS, Hkv, D] laid out head by head, bf16/fp16 or
+    fp8. BM queries a CTA, BN keys a tile (at most a page), num_stages ring slots (fp8:
+    FP8_STAGES), from config."""
     _, hq, dim = q.shape
     bm, stages = config["BM"], config["num_stages"]
     qd = _desc(q, [q.shape[0], hq * dim], [q.stride(0), 1], [bm // 2, dim])
+    fp8 = pages is not None and pages[2].fmt == FP8
+    scales = (pages[2].k_scale, pages[2].v_scale, pages[2].k_scale.stride(0)) if fp8 else (q, q, 0)
     if pages is None:
         bn, hkv = config["BN"], k.shape[1]
         kd, vd = (_desc(x, [x.shape[0], hkv * dim], [x.stride(0), 1], [bn, dim]) for x in (k, v))
         table, seq_lens, bs = cu_seqlens_q, cu_seqlens_q, bn  # unused by the contiguous kernel
         paged = (0, 0, 0)
     else:
-        table, seq_lens, bs = pages
+        table, seq_lens, kv = pages
+        bs = kv.block_size
         bn, hkv = min(config["BN"], bs), k.shape[2]
         kd, vd = (
             _desc(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim]) for x in (k, v)
@@ -312,7 +321,8 @@ def warp_prefill(
     grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
     _warp_prefill_kernel[grid](
         qd, kd, vd, out, cu_seqlens_q, seq_lens, table, sm_scale * 1.4426950408889634,
-        out.stride(0), out.stride(1), *paged, at_least, GROUP=hq // hkv, STAGES=stages, BS=bs,
-        PAGED=pages is not None, num_warps=4, maxnreg=MAXNREG,
+        out.stride(0), out.stride(1), *paged, at_least, *scales, GROUP=hq // hkv,
+        STAGES=FP8_STAGES if fp8 else stages, BS=bs, PAGED=pages is not None, FP8=fp8,
+        num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
     return out

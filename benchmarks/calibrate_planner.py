@@ -46,9 +46,9 @@ from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
 SOURCES = {  # the committed measurements, relative to the repository root
     "triton": "benchmarks/results/triton_h200.json",
     "ttft": "benchmarks/results/prefill_ttft_h200.json",
-    "ttft_fp8_128": "benchmarks/results/prefill_ttft_h200_fp8_128.json",
     "ttft_128": "benchmarks/results/prefill_ttft_h200_warp.json",
-    "chunk_fp8": "benchmarks/results/triton_h200_chunk_fp8.json",
+    "chunk_fp8": "benchmarks/results/triton_h200_chunk_warp.json",
+    "ttft_fp8_warp": "benchmarks/results/prefill_ttft_h200_fp8_warp.json",
     "prefix": "benchmarks/results/prefix_h200_llama70b_fp8.json",
     "tp2": "benchmarks/results/tp2_llama70b_128k_eager.json",
     "tp2_graphs": "benchmarks/results/tp2_llama70b_128k.json",
@@ -121,8 +121,8 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
     def p70(**kw):  # noqa: ANN202
         return plan(llama70, GPU, 1, "fp8", "fp8_e4m3", doc + turn, efficiency=eff, **kw)
 
-    # the bf16 run in pages of 128 again, on the warp-specialized kernel: the later one counts
-    runs = data["ttft"]["runs"] + data["ttft_fp8_128"]["runs"] + data["ttft_128"]["runs"]
+    # the runs in pages of 128 again, on the warp-specialized kernel: the later ones count
+    runs = data["ttft"]["runs"] + data["ttft_128"]["runs"] + data["ttft_fp8_warp"]["runs"]
     ttft = {(r["kv_cache_dtype"], r["block_size"]): r for r in runs}
     tokens = data["ttft"]["tokens"]
 
@@ -157,7 +157,7 @@ def rows(eff: Efficiency, data: dict) -> list[dict]:
             "TTFT, same, fp8 KV, pages of 128 (s)",
             long("fp8_e4m3", 128),
             ttft["fp8_e4m3", 128]["ttft_s"],
-            "prefill_ttft_h200_fp8_128.json",
+            "prefill_ttft_h200_fp8_warp.json",
             "check",
         ),
         (

@@ -447,12 +447,12 @@ def test_engine_on_cuda_matches_reference(fmt, block_size, budget, tma, tmp_path
         pytest.skip("needs CUDA")
     from longserve import LLM, SamplingParams
     from longserve.ops import attention
-    from longserve.ops.triton import extend
+    from longserve.ops.triton import warp_prefill
 
     calls = []
 
     def spying(name: str):  # noqa: ANN202
-        fn = getattr(extend, name)
+        fn = getattr(warp_prefill, name)
 
         def spy(*a, **kw):  # noqa: ANN002, ANN003, ANN202
             calls.append(name)
@@ -461,7 +461,7 @@ def test_engine_on_cuda_matches_reference(fmt, block_size, budget, tma, tmp_path
         return spy
 
     for name in ("causal_prefill", "paged_prefill"):
-        monkeypatch.setattr(extend, name, spying(name))
+        monkeypatch.setattr(warp_prefill, name, spying(name))
 
     path = _small_model(tmp_path / "m")
     gen = torch.Generator().manual_seed(1)

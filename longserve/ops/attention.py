@@ -5,8 +5,8 @@ the sequence's cached keys and values through its block table and runs SDPA with
 offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode token). On CUDA,
 with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
 (ops/triton): paged decode when every sequence brings one query. Otherwise, on Hopper, sequences
-that bring a query tile (TMA_QUERIES) or more take a TMA kernel, one program per tile of one query
-head: over the step's own keys when each of them is a whole prompt with nothing cached before it
+that bring a query tile (TMA_QUERIES) or more take the warp-specialized TMA kernel, one CTA per
+tile of one query head: over the step's own keys when each of them is a whole prompt with nothing cached before it
 in a bf16/fp16 cache (causal_prefill), else over pages of 64 tokens or more of a bf16/fp16 or fp8
 cache (paged_prefill). The paged extend kernel, whose rows pack a KV head's query heads, takes
 the rest: decode rows and short chunks in a mixed step, pages of 16, int4.
@@ -23,7 +23,7 @@ from longserve.kv.cache import KVCache
 from longserve.ops.triton.kv import prefill_config
 
 use_kernels = True  # False runs the torch reference on CUDA too (the oracle in tests)
-TMA_QUERIES = prefill_config()["BM"]  # queries of one TMA prefill program
+TMA_QUERIES = prefill_config()["BM"]  # queries of one TMA prefill CTA
 
 
 @dataclass

@@ -12,10 +12,10 @@ _WHERE = {
     "paged_kv": "kv",
     "paged_decode": "decode",
     "paged_extend": "extend",
-    "causal_prefill": "extend",
-    "reads_new_kv": "extend",
-    "paged_prefill": "extend",
-    "reads_pages": "extend",
+    "causal_prefill": "warp_prefill",
+    "reads_new_kv": "warp_prefill",
+    "paged_prefill": "warp_prefill",
+    "reads_pages": "warp_prefill",
     "store_kv": "store",
 }
 __all__ = list(_WHERE)

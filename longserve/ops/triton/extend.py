@@ -9,10 +9,7 @@ one KV head, so each K/V tile read serves the whole group; a decode row (a chunk
 mixed batch then still fills GROUP rows. Key tiles wholly below the tile's first position need
 no mask and run a separate, cheaper loop; tiles run longest first to even out the causal work.
 
-On Hopper, sequences of 128 queries or more read their keys with the tensor memory accelerator
-(TMA) instead: causal_prefill for a step of whole prompts in a bf16/fp16 cache (the keys they
-need are exactly the step's own, contiguous), paged_prefill for pages of 64+ tokens (a key tile
-one box of one page), both by the warp-specialized kernel of warp_prefill.py.
+On Hopper, sequences of 128 queries or more take warp_prefill.py's kernel instead.
 """
 
 from __future__ import annotations
@@ -21,16 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from longserve.ops.triton.common import hopper, int4_channels, load_int4_tile, load_tile
-from longserve.ops.triton.kv import (
-    FP8,
-    MIN_TMA_PAGE,
-    PLAIN,
-    PagedKV,
-    extend_config,
-    prefill_config,
-)
-from longserve.ops.triton.warp_prefill import warp_prefill
+from longserve.ops.triton.common import int4_channels, load_int4_tile, load_tile
+from longserve.ops.triton.kv import PagedKV, extend_config
 
 
 @triton.jit
@@ -206,99 +195,3 @@ def paged_extend(
         FMT=kv.fmt, GROUP=group, D=dim, BS=kv.block_size, TM=tm, QGS=kv.group_size, **cfg,
     )  # fmt: skip
     return out
-
-
-def _tma_rows(x: torch.Tensor) -> bool:
-    """[T, heads, D] with each token's heads side by side, channels contiguous, rows and start on
-    16 bytes: what a TMA descriptor over [T, heads x D] takes."""
-    aligned = x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
-    return x.stride(2) == 1 and x.stride(1) == x.shape[2] and aligned
-
-
-def _check_rows(x: torch.Tensor) -> None:
-    if not _tma_rows(x):
-        raise ValueError(
-            "the TMA prefill kernels need each token's heads side by side, channels contiguous,"
-            " and rows on 16 bytes"
-        )
-
-
-def _head_pages(pool: torch.Tensor) -> bool:
-    """[blocks, BS, heads, D] whose memory holds each block head by head (paged_pool), channels
-    contiguous, on 16 bytes: the pool is then rows of D, a page's rows of one head together."""
-    _, _, _, dim = pool.shape
-    rows = pool.stride(1) == dim and pool.stride(3) == 1
-    whole = pool.stride(0) % dim == 0 and pool.stride(2) % dim == 0
-    return rows and whole and pool.data_ptr() % 16 == 0 and dim * pool.element_size() % 16 == 0
-
-
-def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether causal_prefill serves the step's whole prompts: the cache holds the new keys as
-    they are (bf16/fp16 of k's dtype), the GPU has TMA and the tensors suit its descriptors."""
-    return (
-        kv.fmt == PLAIN
-        and kv.k.dtype == k.dtype
-        and q.is_cuda
-        and hopper(q.device.index)
-        and all(_tma_rows(x) for x in (q, k, v))
-    )
-
-
-def reads_pages(q: torch.Tensor, kv: PagedKV) -> bool:
-    """Whether paged_prefill serves the step: a bf16/fp16 cache of q's dtype or an fp8 one, in
-    pages of 64 tokens or more (a key tile is one box of one page), head by head, on a GPU with
-    TMA."""
-    return (
-        (kv.fmt == FP8 or (kv.fmt == PLAIN and kv.k.dtype == q.dtype))
-        and kv.block_size >= MIN_TMA_PAGE
-        and q.is_cuda
-        and hopper(q.device.index)
-        and _tma_rows(q)
-        and _head_pages(kv.k)
-    )
-
-
-def causal_prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    max_query_len: int,
-    sm_scale: float,
-    config: dict | None = None,
-    out: torch.Tensor | None = None,
-    at_least: int = 0,
-) -> torch.Tensor:
-    """Causal attention of whole prompts over their own keys: q [T, Hq, D], k/v [T, Hkv, D]
-    (the step's new tokens, nothing cached before them) -> out [T, Hq, D], by the
-    warp-specialized kernel (warp_prefill.py). Hopper and later. Only sequences with at_least
-    queries are computed (into out, if given)."""
-    for x in (q, k, v):
-        _check_rows(x)
-    out = torch.empty_like(q) if out is None else out
-    cfg = config or prefill_config()
-    return warp_prefill(q, k, v, cu_seqlens_q, max_query_len, sm_scale, out, at_least, cfg)
-
-
-def paged_prefill(
-    q: torch.Tensor,
-    kv: PagedKV,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    max_query_len: int,
-    sm_scale: float,
-    config: dict | None = None,
-    out: torch.Tensor | None = None,
-    at_least: int = 0,
-) -> torch.Tensor:
-    """paged_extend's attention (each sequence's queries the last of its context: chunked
-    prefill, prefix-cache hits) for a bf16/fp16 or fp8 cache in pages of MIN_TMA_PAGE tokens or
-    more, each key tile of one head read as one TMA box of one page; key tiles are capped at the
-    page, by the warp-specialized kernel (warp_prefill.py). Hopper and later. Only sequences with
-    at_least queries are computed (into out, if given)."""
-    _check_rows(q)
-    out = torch.empty_like(q) if out is None else out
-    pages = (block_table, seq_lens, kv)
-    args = (cu_seqlens_q, max_query_len, sm_scale, out, at_least, config or prefill_config(), pages)
-    return warp_prefill(q, kv.k, kv.v, *args)

@@ -1,4 +1,4 @@
-"""Causal prefill on Hopper for bf16/fp16 keys, warp-specialized (Gluon): FA3's scheme.
+"""Causal prefill on Hopper, warp-specialized (Gluon): FA3's scheme, over bf16/fp16 or fp8 keys.
 
 A CTA computes BM queries of one head. One producer warp only issues TMA loads: the queries,
 then the K and V tiles into a ring of buffers, each with a ready and an empty barrier. Two
@@ -7,9 +7,10 @@ tile's q . k^T as an asynchronous wgmma before this tile's p @ v, and runs the s
 both are in flight, so the tensor cores are never idle on the softmax's account; Triton's own
 pipeliner waits on each wgmma right after it is issued (docs/kernels.md).
 
-Keys come from the step's own new K/V (whole prompts: row q0 + n of a sequence's keys) or from
-the paged pools (chunks and prefix-cache hits: a key tile is one TMA box of one page, the pool
-laid out head by head), as in extend.py's kernels.
+Keys come from the step's own new K/V (causal_prefill, whole prompts in a bf16/fp16 cache: row
+q0 + n of a sequence's keys) or from the paged pools (paged_prefill, chunks and prefix-cache hits
+in pages of MIN_TMA_PAGE+ tokens, bf16/fp16 or fp8: a key tile is one TMA box of one page, the
+pool laid out head by head).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from longserve.ops.triton.kv import FP8, PagedKV
+from longserve.ops.triton.common import hopper
+from longserve.ops.triton.kv import FP8, MIN_TMA_PAGE, PLAIN, PagedKV, prefill_config
 
-CONSUMER_REGS = gl.constexpr(
-    240
-)  # each consumer holds a score tile in flight beside the next, p and the output
+# each consumer holds a score tile in flight beside the next, p and the output (at 232: spills)
+CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(24)  # the producer only computes addresses
 FP8_STAGES = 2  # fp8 ring slots: with the two fp16 K and V slots, 224 KB of shared memory
 MAXNREG = 168  # launch registers a thread: 12 warps (3 warpgroups) x 168 fill the SM's 64K
@@ -315,7 +316,7 @@ def _desc(
     return TensorDescriptor(x, shape, strides, block, layout)
 
 
-def warp_prefill(
+def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -358,3 +359,98 @@ def warp_prefill(
         num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip
     return out
+
+
+def _tma_rows(x: torch.Tensor) -> bool:
+    """[T, heads, D] with each token's heads side by side, channels contiguous, rows and start on
+    16 bytes: what a TMA descriptor over [T, heads x D] takes."""
+    aligned = x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2] and aligned
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if not _tma_rows(x):
+        raise ValueError(
+            "the TMA prefill kernels need each token's heads side by side, channels contiguous,"
+            " and rows on 16 bytes"
+        )
+
+
+def _head_pages(pool: torch.Tensor) -> bool:
+    """[blocks, BS, heads, D] whose memory holds each block head by head (paged_pool), channels
+    contiguous, on 16 bytes: the pool is then rows of D, a page's rows of one head together."""
+    _, _, _, dim = pool.shape
+    rows = pool.stride(1) == dim and pool.stride(3) == 1
+    whole = pool.stride(0) % dim == 0 and pool.stride(2) % dim == 0
+    return rows and whole and pool.data_ptr() % 16 == 0 and dim * pool.element_size() % 16 == 0
+
+
+def reads_new_kv(q: torch.Tensor, kv: PagedKV, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether causal_prefill serves the step's whole prompts: the cache holds the new keys as
+    they are (bf16/fp16 of k's dtype), the GPU has TMA and the tensors suit its descriptors."""
+    return (
+        kv.fmt == PLAIN
+        and kv.k.dtype == k.dtype
+        and q.is_cuda
+        and hopper(q.device.index)
+        and all(_tma_rows(x) for x in (q, k, v))
+    )
+
+
+def reads_pages(q: torch.Tensor, kv: PagedKV) -> bool:
+    """Whether paged_prefill serves the step: a bf16/fp16 cache of q's dtype or an fp8 one, in
+    pages of 64 tokens or more (a key tile is one box of one page), head by head, on a GPU with
+    TMA."""
+    return (
+        (kv.fmt == FP8 or (kv.fmt == PLAIN and kv.k.dtype == q.dtype))
+        and kv.block_size >= MIN_TMA_PAGE
+        and q.is_cuda
+        and hopper(q.device.index)
+        and _tma_rows(q)
+        and _head_pages(kv.k)
+    )
+
+
+def causal_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_query_len: int,
+    sm_scale: float,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    at_least: int = 0,
+) -> torch.Tensor:
+    """Causal attention of whole prompts over their own keys: q [T, Hq, D], k/v [T, Hkv, D]
+    (the step's new tokens, nothing cached before them) -> out [T, Hq, D]. Hopper and later.
+    Only sequences with at_least queries are computed (into out, if given)."""
+    for x in (q, k, v):
+        _check_rows(x)
+    out = torch.empty_like(q) if out is None else out
+    cfg = config or prefill_config()
+    return _launch(q, k, v, cu_seqlens_q, max_query_len, sm_scale, out, at_least, cfg)
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    kv: PagedKV,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_query_len: int,
+    sm_scale: float,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    at_least: int = 0,
+) -> torch.Tensor:
+    """paged_extend's attention (each sequence's queries the last of its context: chunked
+    prefill, prefix-cache hits) for a bf16/fp16 or fp8 cache in pages of MIN_TMA_PAGE tokens or
+    more, each key tile of one head read as one TMA box of one page; key tiles are capped at the
+    page. Hopper and later. Only sequences with at_least queries are computed (into out, if
+    given)."""
+    _check_rows(q)
+    out = torch.empty_like(q) if out is None else out
+    pages = (block_table, seq_lens, kv)
+    args = (cu_seqlens_q, max_query_len, sm_scale, out, at_least, config or prefill_config(), pages)
+    return _launch(q, kv.k, kv.v, *args)

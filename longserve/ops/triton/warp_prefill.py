@@ -76,19 +76,20 @@ def _load_partition(
 @gluon.jit
 def _half_to_f16(src, dst, ready, empty, f_ready, f_empty, t, WG: gl.constexpr):
     """This warpgroup's half of tile t's rows from its fp8 ring slot into the shared fp16 slot
-    t % 2 (fp8 converts to fp16 exactly), once both consumers have released that slot's
+    t % 2 (fp8 converts to fp16 exactly), 32 rows at a time, once both consumers have released that slot's
     previous tile; then it releases the fp8 slot and marks its half ready. The fence and the
     warpgroup's barrier order every thread's stores before the arrivals."""
     STAGES: gl.constexpr = src.type.shape[0]
     HALF: gl.constexpr = src.type.shape[1] // 2
+    ROWS: gl.constexpr = 32 if HALF > 32 else HALF  # rows converted at a time
     layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
     slot = t % STAGES
     mbarrier.wait(f_empty.index(t % 2), ((t // 2) & 1) ^ 1)
     mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
     raw = src.index(slot)
     f16 = dst.index(t % 2)
-    for r in gl.static_range(WG * HALF, (WG + 1) * HALF, 32):
-        f16.slice(r, 32).store(raw.slice(r, 32).load(layout).to(gl.float16))
+    for r in gl.static_range(WG * HALF, (WG + 1) * HALF, ROWS):
+        f16.slice(r, ROWS).store(raw.slice(r, ROWS).load(layout).to(gl.float16))
     fence_async_shared()
     gl.thread_barrier()
     mbarrier.arrive(empty.index(slot), count=1)

@@ -64,7 +64,7 @@ def random_cache(
     heads: int,
     dim: int,
     dtype: torch.dtype,
-    gen,  # noqa: ANN001
+    gen: torch.Generator,
     engine_layout: bool = True,
     bs: int = BS,
 ) -> tuple:
@@ -132,9 +132,9 @@ def make_batch(
     qlens: list[int],
     hq: int,
     dim: int,
-    dtype,
-    gen,
-    bs: int = BS,  # noqa: ANN001
+    dtype: torch.dtype,
+    gen: torch.Generator,
+    bs: int = BS,
 ) -> tuple:
     """Queries and shuffled, padded block tables for sequences of the given lengths."""
     need = [-(-n // bs) for n in lens]
@@ -263,7 +263,7 @@ def test_causal_prefill(request, hq, hkv, dim, qlens):
     projections may leave them), against float32 SDPA per prompt."""
     _skip_gpu_case(request)
     gen = torch.Generator().manual_seed(sum(qlens) + dim + hq)
-    dtype = torch.bfloat16 if CUDA else torch.float16  # interpreter: no bf16 dot
+    dtype = torch.bfloat16
     qkv = torch.randn(sum(qlens), hq + 2 * hkv, dim, generator=gen).to(dtype)
     q, k, v = qkv.to(DEV).split([hq, hkv, hkv], 1)
     cu = torch.tensor([0] + qlens).cumsum(0).int()
@@ -310,12 +310,12 @@ PAGED_PREFILL = _gpu_only(
 
 @pytest.mark.parametrize("hq,hkv,dim,bs,lens,qlens,fmt", PAGED_PREFILL)
 def test_paged_prefill_splits_a_step_with_paged_extend(request, hq, hkv, dim, bs, lens, qlens, fmt):
-    """Chunks over their context in pages of 64+ tokens read by TMA (bf16/fp16 or fp8, dequantized
-    in the kernel), the step split as the engine splits it: sequences that bring 128 queries or more here, the rest (decode rows, short
-    chunks) through paged_extend into the same output."""
+    """Chunks over their context in pages of 64+ tokens read by TMA (bf16/fp16 or fp8, converted
+    in the kernel), the step split as the engine splits it: sequences that bring 128 queries or
+    more here, the rest (decode rows, short chunks) through paged_extend into the same output."""
     _skip_gpu_case(request)
     gen = torch.Generator().manual_seed(sum(lens) + dim + hq + bs)
-    dtype = torch.bfloat16 if CUDA and fmt != "fp16" else torch.float16  # interpreter: no bf16 dot
+    dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
     q, tables, table, seq, cu, blocks = make_batch(lens, qlens, hq, dim, dtype, gen, bs)
     kv, (k, v) = random_cache(fmt, blocks, hkv, dim, dtype, gen, bs=bs)
     scale = dim**-0.5

@@ -6,10 +6,11 @@ offset of its query chunk (a chunk of a prefill, a whole prompt, or one decode t
 with bf16/fp16 queries and the tensor fields of AttnMeta set, the Triton kernels run instead
 (ops/triton): paged decode when every sequence brings one query. Otherwise, on Hopper, sequences
 that bring a query tile (TMA_QUERIES) or more take the warp-specialized TMA kernel, one CTA per
-tile of one query head: over the step's own keys when each of them is a whole prompt with nothing cached before it
-in a bf16/fp16 cache (causal_prefill), else over pages of 64 tokens or more of a bf16/fp16 or fp8
-cache (paged_prefill). The paged extend kernel, whose rows pack a KV head's query heads, takes
-the rest: decode rows and short chunks in a mixed step, pages of 16, int4.
+tile of one query head: over the step's own keys when each of them is a whole prompt with
+nothing cached before it in a bf16/fp16 cache (causal_prefill), else over pages of 64 tokens or
+more of a bf16/fp16 or fp8 cache (paged_prefill). The paged extend kernel, whose rows pack a KV
+head's query heads, takes the rest: decode rows and short chunks in a mixed step, pages of 16,
+int4.
 """
 
 from __future__ import annotations

@@ -324,34 +324,35 @@ def _launch(
     cu_seqlens_q: torch.Tensor,
     max_query_len: int,
     sm_scale: float,
-    out: torch.Tensor,
+    config: dict | None,
+    out: torch.Tensor | None,
     at_least: int,
-    config: dict,
     pages: tuple[torch.Tensor, torch.Tensor, PagedKV] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries q [T, Hq, D] (rows side by side, checked by
     the caller) over k/v: the step's own keys [T, Hkv, D], or, with pages (block table, seq
     lens, the cache's view), its pools [blocks, BS, Hkv, D] laid out head by head, bf16/fp16 or
     fp8. BM queries a CTA, BN keys a tile (at most a page), num_stages ring slots (fp8:
-    FP8_STAGES), from config."""
+    FP8_STAGES), from config (prefill_config by default)."""
     _, hq, dim = q.shape
+    config = config or prefill_config()
+    out = torch.empty_like(q) if out is None else out
     bm, stages = config["BM"], config["num_stages"]
     qd = _desc(q, [q.shape[0], hq * dim], [q.stride(0), 1], [bm // 2, dim])
-    fp8 = pages is not None and pages[2].fmt == FP8
-    scales = (pages[2].k_scale, pages[2].v_scale, pages[2].k_scale.stride(0)) if fp8 else (q, q, 0)
     if pages is None:
         bn, hkv = config["BN"], k.shape[1]
         kd, vd = (_desc(x, [x.shape[0], hkv * dim], [x.stride(0), 1], [bn, dim]) for x in (k, v))
         table, seq_lens, bs = cu_seqlens_q, cu_seqlens_q, bn  # unused by the contiguous kernel
-        paged = (0, 0, 0)
+        paged, fp8 = (0, 0, 0), False
     else:
         table, seq_lens, kv = pages
-        bs = kv.block_size
+        bs, fp8 = kv.block_size, kv.fmt == FP8
         bn, hkv = min(config["BN"], bs), k.shape[2]
         kd, vd = (
             _desc(x, [x.shape[0] * x.stride(0) // dim, dim], [dim, 1], [bn, dim]) for x in (k, v)
         )
         paged = (table.stride(0), k.stride(0) // dim, k.stride(2) // dim)
+    scales = (kv.k_scale, kv.v_scale, kv.k_scale.stride(0)) if fp8 else (q, q, 0)
     grid = (triton.cdiv(max_query_len, bm), cu_seqlens_q.shape[0] - 1, hq)
     _warp_prefill_kernel[grid](
         qd, kd, vd, out, cu_seqlens_q, seq_lens, table, sm_scale * 1.4426950408889634,
@@ -428,9 +429,7 @@ def causal_prefill(
     Only sequences with at_least queries are computed (into out, if given)."""
     for x in (q, k, v):
         _check_rows(x)
-    out = torch.empty_like(q) if out is None else out
-    cfg = config or prefill_config()
-    return _launch(q, k, v, cu_seqlens_q, max_query_len, sm_scale, out, at_least, cfg)
+    return _launch(q, k, v, cu_seqlens_q, max_query_len, sm_scale, config, out, at_least)
 
 
 def paged_prefill(
@@ -451,7 +450,5 @@ def paged_prefill(
     page. Hopper and later. Only sequences with at_least queries are computed (into out, if
     given)."""
     _check_rows(q)
-    out = torch.empty_like(q) if out is None else out
-    pages = (block_table, seq_lens, kv)
-    args = (cu_seqlens_q, max_query_len, sm_scale, out, at_least, config or prefill_config(), pages)
-    return _launch(q, kv.k, kv.v, *args)
+    rows = (cu_seqlens_q, max_query_len, sm_scale, config, out, at_least)
+    return _launch(q, kv.k, kv.v, *rows, pages=(block_table, seq_lens, kv))

@@ -2,7 +2,8 @@
 
 copy     the device-to-device copy ceiling, bytes read + written, measured first in the same call
 decode   paged decode on Llama-3.3-70B's layer shape (64 q / 8 KV heads, d=128, blocks of 16):
-         16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64);
+         16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64,
+         the Gluon kernel of int4_decode.py);
          time, KV bytes read per second (group scales counted), against SDPA on the same bf16
          data laid out contiguously. The engine's default launch (decode_config, num_splits)
          and a sweep of configs are timed per point; the default's figure and the best are kept.
@@ -40,6 +41,7 @@ from longserve.kv.cache import paged_pool
 from longserve.ops.triton import (
     PagedKV,
     causal_prefill,
+    int4_decode,
     paged_decode,
     paged_extend,
     paged_prefill,
@@ -56,6 +58,10 @@ DECODE_CONFIGS = [
     (64, 4, 3, 4), (64, 4, 3, 16), (64, 4, 4, 4), (64, 4, 5, 3), (128, 4, 3, 4), (128, 4, 3, 16),
     (128, 4, 2, 4), (128, 4, 5, 3), (256, 4, 3, 4), (256, 4, 3, 16), (64, 2, 3, 4),
     (128, 2, 3, 4), (128, 2, 5, 4), (128, 2, 3, 8), (256, 2, 3, 4),
+]  # fmt: skip
+# int4 (groups of 64) runs int4_decode.py's one-warp programs; its default: 64 keys, 3 slots, 8 waves
+INT4_CONFIGS = [
+    (64, 1, 3, 8), (64, 1, 2, 8), (64, 1, 3, 4), (64, 1, 3, 6), (32, 1, 3, 8), (32, 1, 3, 12),
 ]  # fmt: skip
 PREFILL_CONFIGS = [
     extend_config(D, HQ // HKV),  # the default: BM=64, TM=8, BN=64, 4 warps, 3 stages
@@ -140,7 +146,7 @@ def decode_point(length: int, batch: int) -> list[dict]:
         kv, tok_bytes = paged_cache(fmt, blocks)
         nbytes = batch * length * tok_bytes + (2 * HKV * 4 if fmt == "fp8_e4m3" else 0)
         times = {"default": bench_ms(lambda kv=kv: paged_decode(q, kv, table, seq, scale, length))}
-        for bn, warps, stages, waves in DECODE_CONFIGS:
+        for bn, warps, stages, waves in INT4_CONFIGS if fmt == "int4" else DECODE_CONFIGS:
             splits = num_splits(batch, HKV, length, DEV, waves)
 
             def run(kv=kv, bn=bn, warps=warps, stages=stages, splits=splits):  # noqa: ANN202
@@ -192,8 +198,9 @@ def decode_point(length: int, batch: int) -> list[dict]:
 
 def int4_groups_point(length: int, batch: int) -> dict:
     """Int4 decode by group size against bf16 on the same pages, the engine's default launch:
-    more groups a head mean more scales and zeros per key (and, from ZD_GROUPS groups, the
-    zero-point terms taken on the tensor cores)."""
+    more groups a head mean more scales and zeros per key. Groups of 32 and 64 run
+    int4_decode.py's kernel, 16 and 128 decode.py's (there, from ZD_GROUPS groups, the zero-point
+    terms on the tensor cores)."""
     blocks, table, seq, q = decode_inputs(length, batch)
 
     def ms(kv: PagedKV) -> float:
@@ -209,7 +216,8 @@ def int4_groups_point(length: int, batch: int) -> dict:
             "ms": t,
             "vs_bf16": t / res["bf16_ms"],
             "tb_s": batch * length * tok_bytes / t / 1e9,
-            "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS,
+            "kernel": "int4_decode" if int4_decode.serves(kv, D) else "decode",
+            "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS and not int4_decode.serves(kv, D),
         }
         print(f"int4 groups of {group:3d} L={length} B={batch}: {t:.3f} ms, "
               f"{t / res['bf16_ms']:.3f} x bf16", flush=True)  # fmt: skip

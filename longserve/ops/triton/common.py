@@ -15,6 +15,12 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the interpreter runs no inline PTX
+# two 16-bit int4 words in one register -> four f16x2 pairs, nibble t of both words in pair t:
+# four ANDs and a shift (nibbles 1 and 3 stay four bits up: 16 x the unit)
+INT4_PHASES_PTX = tl.constexpr(
+    """{ .reg .b32 t; and.b32 $0, $4, 0x000F000F; and.b32 $1, $4, 0x00F000F0;
+    shr.b32 t, $4, 8; and.b32 $2, t, 0x000F000F; and.b32 $3, t, 0x00F000F0; }"""
+)
 
 
 @functools.cache

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from longserve.ops.triton.common import INTERPRET, hopper, load_tile
+from longserve.ops.triton import int4_decode
+from longserve.ops.triton.common import INT4_PHASES_PTX, INTERPRET, hopper, load_tile
 from longserve.ops.triton.kv import INT4, PagedKV, decode_config
 
 
@@ -83,10 +84,8 @@ def _phases(w, FMT: tl.constexpr, F8: tl.constexpr, ASM: tl.constexpr):
     if FMT == 2 and ASM:
         # two uint16 words in one register: four ANDs and a shift make four f16x2 pairs
         x0, x1, x2, x3 = tl.inline_asm_elementwise(
-            """{ .reg .b32 t; and.b32 $0, $4, 0x000F000F; and.b32 $1, $4, 0x00F000F0;
-            shr.b32 t, $4, 8; and.b32 $2, t, 0x000F000F; and.b32 $3, t, 0x00F000F0; }""",
-            "=r,=r,=r,=r,r", [w], (tl.float16,) * 4, True, 2,
-        )  # fmt: skip
+            INT4_PHASES_PTX, "=r,=r,=r,=r,r", [w], (tl.float16,) * 4, True, 2
+        )
     elif FMT == 2:
         # each nibble's bits as an fp16 subnormal: nib * 2^-24, or nib * 2^-20 in bits 4-7
         x0 = (w & 0xF).to(tl.float16, bitcast=True)
@@ -217,9 +216,11 @@ def _decode_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BN) * BN
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    # whole tiles dealt out evenly: no slice holds more than one tile over another (slices
+    # rounded up to whole tiles left the last few empty: at 128K x 1, 512 of 528 programs busy)
+    tiles = tl.cdiv(seq_len, BN)
+    start = split * tiles // num_splits * BN
+    end = tl.minimum((split + 1) * tiles // num_splits * BN, seq_len)
 
     g = tl.arange(0, GP)
     gmask = g < GROUP
@@ -366,23 +367,33 @@ def _decode_kernel(
 @triton.jit
 def _merge_kernel(
     OP, LP, OUT, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_ot, s_o_h,
-    D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, SP: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """out = the slices' outputs weighted by exp2(lse), SB slices at a time."""
     if PDL:
         gdc_wait()  # for the decode grid's partial outputs
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, SP)
-    smask = sp < num_splits
+    lp = LP + b * s_lb + h * s_lh
+    m = tl.max(tl.load(lp + sp, mask=sp < num_splits, other=float("-inf")), 0)
+    m = tl.where(m > float("-inf"), m, 0.0)
     d = tl.arange(0, D)
-    lse = tl.load(LP + b * s_lb + h * s_lh + sp, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp2(lse - m), 0.0)
-    o = tl.load(
-        OP + b * s_ob + h * s_oh + sp[:, None] * s_os + d[None, :], mask=smask[:, None], other=0.0
+    out = tl.zeros([D], tl.float32)
+    total = 0.0
+    for s0 in range(0, num_splits, SB):
+        sb = s0 + tl.arange(0, SB)
+        w = tl.exp2(tl.load(lp + sb, mask=sb < num_splits, other=float("-inf")) - m)
+        o = tl.load(
+            OP + b * s_ob + h * s_oh + sb[:, None] * s_os + d[None, :],
+            mask=(sb < num_splits)[:, None],
+            other=0.0,
+        )
+        out += tl.sum(w[:, None] * o, 0)
+        total += tl.sum(w, 0)
+    tl.store(
+        OUT + b * s_ot + h * s_o_h + d, (out / tl.maximum(total, 1e-30)).to(OUT.dtype.element_ty)
     )
-    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(OUT + b * s_ot + h * s_o_h + d, out.to(OUT.dtype.element_ty))
 
 
 def num_splits(
@@ -420,28 +431,33 @@ def paged_decode(
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv
-    launch = decode_config(kv.fmt)
-    block_n = block_n or launch["block_n"]
-    num_warps = num_warps or launch["num_warps"]
-    num_stages = num_stages or launch["num_stages"]
-    splits = splits or num_splits(batch, hkv, max_seq_len, q.device)
-    groups = dim // kv.group_size if kv.fmt == INT4 else 1
     # the merge launches as a programmatic dependent of the decode grid: on the H200 at 128K x 1
     # that took bf16 from 140.9 to 139.2 us (docs/kernels.md)
     pdl = q.is_cuda and hopper(q.device.index)
+    gluon = kv.fmt == INT4 and pdl and int4_decode.serves(kv, dim)
+    groups = dim // kv.group_size if kv.fmt == INT4 else 1
+    launch = int4_decode.config(groups) if gluon else decode_config(kv.fmt)
+    block_n = block_n or launch["block_n"]
+    num_warps = num_warps or launch["num_warps"]
+    num_stages = num_stages or launch["num_stages"]
+    splits = splits or num_splits(batch, hkv, max_seq_len, q.device, launch["waves"])
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(batch, hkv, splits)](
-        q, *kv.kernel_args(), block_table, seq_lens, op, lp, sm_scale, splits,
-        q.stride(0), q.stride(1), block_table.stride(0), *op.stride()[:3], *lp.stride()[:2],
-        FMT=kv.fmt, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim,
-        BS=kv.block_size, BN=block_n, QGS=kv.group_size, ASM=not INTERPRET, PDL=pdl,
-        ZD=groups >= ZD_GROUPS, ZP=max(16, triton.next_power_of_2(groups)),
-        SPLIT=kv.fmt != INT4 or groups > 1, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    if gluon:
+        int4_decode.int4_decode(q, kv, block_table, seq_lens, sm_scale, op, lp, block_n, num_stages)
+    else:
+        _decode_kernel[(batch, hkv, splits)](
+            q, *kv.kernel_args(), block_table, seq_lens, op, lp, sm_scale, splits,
+            q.stride(0), q.stride(1), block_table.stride(0), *op.stride()[:3], *lp.stride()[:2],
+            FMT=kv.fmt, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim,
+            BS=kv.block_size, BN=block_n, QGS=kv.group_size, ASM=not INTERPRET, PDL=pdl,
+            ZD=groups >= ZD_GROUPS, ZP=max(16, triton.next_power_of_2(groups)),
+            SPLIT=kv.fmt != INT4 or groups > 1, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(batch, hq)](
         op, lp, out, splits, *op.stride()[:3], *lp.stride()[:2], out.stride(0), out.stride(1),
-        D=dim, SP=triton.next_power_of_2(splits), PDL=pdl, launch_pdl=pdl,
+        D=dim, SP=triton.next_power_of_2(splits), SB=min(64, triton.next_power_of_2(splits)),
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out

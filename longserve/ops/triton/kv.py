@@ -94,9 +94,9 @@ def decode_config(fmt: int) -> dict:
     int4 gained about 5% from the second, bf16 nothing, and fp8 lost at batch 32 (its larger
     buffers keep only three programs on an SM)."""
     return {
-        PLAIN: dict(block_n=64, num_warps=4, num_stages=3),
-        FP8: dict(block_n=128, num_warps=4, num_stages=3),
-        INT4: dict(block_n=128, num_warps=2, num_stages=5),
+        PLAIN: dict(block_n=64, num_warps=4, num_stages=3, waves=4),
+        FP8: dict(block_n=128, num_warps=4, num_stages=3, waves=4),
+        INT4: dict(block_n=128, num_warps=2, num_stages=5, waves=4),
     }[fmt]
 
 

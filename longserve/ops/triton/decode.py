@@ -19,6 +19,9 @@ group scales and zeros touch only the small score and probability tiles. With ZD
 head or more, the zero-point terms are dots too (q's group sums against the keys' scale x zero;
 the scaled probabilities against the values' zeros, into a small accumulator subtracted at the
 end), which spares moving each group's zeros to the score and probability tiles.
+
+On Hopper, int4 heads of 2 or 4 groups take int4_decode.py's kernel instead (Gluon: one warp a
+program, keys on the tensor cores' M axis); its slices go through the same merge.
 """
 
 from __future__ import annotations
@@ -426,7 +429,8 @@ def paged_decode(
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
     included); max_seq_len bounds seq_lens and fixes the number of slices. splits defaults to
-    num_splits, block_n, num_warps and num_stages to decode_config.
+    num_splits, block_n, num_warps and num_stages to decode_config (int4_decode.config where
+    that kernel serves; it always runs one warp).
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads

@@ -77,11 +77,25 @@ def _columns(x, layout: gl.constexpr):
 
 
 @gluon.jit
-def _rows(n0, BS: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
-    """Rows within their pages of tile keys n0 .. n0 + BN, on a copy layout's key axis: constants
-    of each lane (plus a scalar when a page holds whole tiles), since n0 is a multiple of BN."""
+def _tile(
+    pages, n0, end, kvh, s_b, s_s, s_h,
+    WIDTH: gl.constexpr, ALIGN: gl.constexpr, BS: gl.constexpr, BN: gl.constexpr,
+    layout: gl.constexpr,
+):  # fmt: skip
+    """Offsets [BN, WIDTH] of tile keys n0 .. n0 + BN in one pool (strides s_b, s_s, s_h; rows
+    at multiples of ALIGN elements), and the mask of keys before `end`. A key's row within its page is a
+    constant of its lane (plus a scalar when a page holds whole tiles): n0 is a multiple of BN."""
     r = gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-    return n0 % BS + r if BS >= BN else r % BS
+    row = n0 % BS + r if BS >= BN else r % BS
+    col = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    row = row * s_s + kvh * s_h
+    if ALIGN > 1:  # a hint, where the strides' own (Triton specializes multiples of 16) fall short
+        row = gl.multiple_of(row, ALIGN)
+    off = gl.expand_dims(row, 1) + gl.expand_dims(col, 0)
+    page = pages * s_b
+    if BS < BN:
+        page = gl.expand_dims(page, 1)
+    return page + off, gl.expand_dims(n0 + r < end, 1)
 
 
 @gluon.jit
@@ -105,28 +119,14 @@ def _issue(
 ):  # fmt: skip
     """cp.async of one tile's K and V words and its four parameter tiles into ring slots; keys at
     or past `end` are zero-filled. pk and pp: the tile's pages (_pages) in the two layouts."""
-    r = gl.arange(0, BN, layout=gl.SliceLayout(1, cp))
-    row = _rows(n0, BS, BN, cp)
-    c = gl.arange(0, W, layout=gl.SliceLayout(0, cp))
-    off = gl.expand_dims(row * s_ks + kvh * s_kh, 1) + gl.expand_dims(c, 0)
-    mask = gl.expand_dims(n0 + r < end, 1)
-    page = pk * s_kb
-    if BS < BN:
-        page = gl.expand_dims(page, 1)
-    async_copy.async_copy_global_to_shared(kb, K + page + off, mask=mask)
-    async_copy.async_copy_global_to_shared(vb, V + page + off, mask=mask)
-    pr = gl.arange(0, BN, layout=gl.SliceLayout(1, pcp))
-    row = _rows(n0, BS, BN, pcp)
-    gi = gl.arange(0, G, layout=gl.SliceLayout(0, pcp))
-    poff = gl.expand_dims(gl.multiple_of(row * s_ps + kvh * s_ph, G), 1) + gl.expand_dims(gi, 0)
-    pmask = gl.expand_dims(n0 + pr < end, 1)
-    page = pp * s_pb
-    if BS < BN:
-        page = gl.expand_dims(page, 1)
-    async_copy.async_copy_global_to_shared(ksb, KS + page + poff, mask=pmask)
-    async_copy.async_copy_global_to_shared(kzb, KZ + page + poff, mask=pmask)
-    async_copy.async_copy_global_to_shared(vsb, VS + page + poff, mask=pmask)
-    async_copy.async_copy_global_to_shared(vzb, VZ + page + poff, mask=pmask)
+    off, mask = _tile(pk, n0, end, kvh, s_kb, s_ks, s_kh, W, 1, BS, BN, cp)
+    async_copy.async_copy_global_to_shared(kb, K + off, mask=mask)
+    async_copy.async_copy_global_to_shared(vb, V + off, mask=mask)
+    off, mask = _tile(pp, n0, end, kvh, s_pb, s_ps, s_ph, G, G, BS, BN, pcp)
+    async_copy.async_copy_global_to_shared(ksb, KS + off, mask=mask)
+    async_copy.async_copy_global_to_shared(kzb, KZ + off, mask=mask)
+    async_copy.async_copy_global_to_shared(vsb, VS + off, mask=mask)
+    async_copy.async_copy_global_to_shared(vzb, VZ + off, mask=mask)
 
 
 @gluon.jit

@@ -1,11 +1,13 @@
-"""Compile the paged decode kernel for the H200 (sm_90a) on a machine without a GPU and count the
-instructions of its main loop: where docs/kernels.md's instruction counts come from.
+"""Compile a paged decode kernel for the H200 (sm_90a) on a machine without a GPU and count the
+instructions of its main loop: where docs/kernels.md's instruction counts come from. `--kernel
+int4_decode` compiles the Gluon int4 kernel (int4_decode.py) that serves groups of 64 on Hopper.
 
 Triton compiles for whatever target its driver names; a stand-in driver names sm_90 and nothing
 runs. cuobjdump, shipped in Triton's wheel, prints the SASS and the resource usage; the loop is
 the body of the longest backward branch. Needs Triton (not part of `make setup`).
 
     python -m benchmarks.decode_sass --format int4 --block-n 128 --num-warps 2
+    python -m benchmarks.decode_sass --kernel int4_decode
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are defined: compi
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonJITFunction  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from benchmarks.triton_bench import HQ, D, paged_cache  # noqa: E402
-from longserve.ops.triton import paged_decode  # noqa: E402
+from benchmarks.triton_bench import GROUP, HQ, D, paged_cache  # noqa: E402
+from longserve.ops.triton import int4_decode, paged_decode  # noqa: E402
 from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config  # noqa: E402
 
 FORMATS = {"bf16": PLAIN, "fp8_e4m3": FP8, "int4": INT4}
@@ -51,27 +54,35 @@ class _H200Target:
         return torch.device("cpu")
 
 
-def compile_decode(fmt: str, **launch) -> object:  # noqa: ANN003
-    """The compiled decode kernel for one launch configuration."""
+def compile_decode(fmt: str, kernel: str = "decode", **launch) -> object:  # noqa: ANN003
+    """The compiled decode kernel (decode.py's, or int4_decode.py's) for one launch configuration."""
+    jit = GluonJITFunction if kernel == "int4_decode" else JITFunction
     kernels = {}
-    run = JITFunction.run
+    run = jit.run
 
     def compile_only(self, *args, grid, warmup, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         kernels[self.__name__] = run(self, *args, grid=grid, warmup=True, **kw)
         return kernels[self.__name__]
 
     driver.set_active(_H200Target())
-    JITFunction.run = compile_only
+    jit.run = compile_only
     try:
         batch = 8
         table = torch.arange(batch * 4, dtype=torch.int32).view(batch, 4)
         seq = torch.full((batch,), 64, dtype=torch.int32)
         q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
         kv, _ = paged_cache(fmt, batch * 4, torch.device("cpu"))  # Llama-3.3-70B's layer
-        paged_decode(q, kv, table, seq, D**-0.5, 131072, **launch)
+        if kernel == "int4_decode":
+            op = torch.empty(batch, HQ, 4, D)
+            lp = torch.empty(batch, HQ, 4)
+            int4_decode.int4_decode(
+                q, kv, table, seq, D**-0.5, op, lp, launch["block_n"], launch["num_stages"]
+            )
+        else:
+            paged_decode(q, kv, table, seq, D**-0.5, 131072, **launch)
     finally:
-        JITFunction.run = run
-    return kernels["_decode_kernel"]
+        jit.run = run
+    return kernels["_int4_decode_kernel" if kernel == "int4_decode" else "_decode_kernel"]
 
 
 def loop_ops(sass: str) -> collections.Counter:
@@ -94,6 +105,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--format", default="int4", choices=list(FORMATS),
                     help="KV format (int4: groups of 64)")  # fmt: skip
+    ap.add_argument("--kernel", default="decode", choices=["decode", "int4_decode"],
+                    help="decode.py's Triton kernel, or int4_decode.py's Gluon one (int4 only; "
+                    "one warp, so --num-warps does not apply)")  # fmt: skip
     ap.add_argument("--block-n", type=int, help="keys per tile (default: decode_config's)")
     ap.add_argument("--num-warps", type=int, help="warps a program (default: decode_config's)")
     ap.add_argument(
@@ -101,9 +115,18 @@ def main() -> None:
     )
     ap.add_argument("--top", type=int, default=20, help="opcodes to list")
     args = ap.parse_args()
-    kernel = compile_decode(
-        args.format, block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages
-    )
+    if args.kernel == "int4_decode":
+        if args.format != "int4":
+            ap.error("--kernel int4_decode reads int4 KV only")
+        cfg = int4_decode.config(D // GROUP)
+    else:
+        cfg = decode_config(FORMATS[args.format])
+    launch = {
+        "block_n": args.block_n or cfg["block_n"],
+        "num_warps": args.num_warps or cfg["num_warps"],
+        "num_stages": args.num_stages or cfg["num_stages"],
+    }
+    kernel = compile_decode(args.format, args.kernel, **launch)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "decode.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -120,11 +143,8 @@ def main() -> None:
         ops = loop_ops(dump("--dump-sass"))
     out = {
         "format": args.format,
-        "launch": {
-            "block_n": args.block_n or decode_config(FORMATS[args.format])["block_n"],
-            "num_warps": kernel.metadata.num_warps,
-            "num_stages": kernel.metadata.num_stages,
-        },  # fmt: skip
+        "kernel": args.kernel,
+        "launch": launch,
         "registers": int(usage["REG"]),
         "spill_bytes": int(usage["LOCAL"]),
         "shared_bytes": kernel.metadata.shared,

@@ -214,7 +214,8 @@ def _int4_decode_kernel(
     o1 = gl.zeros([W, GP], gl.float32, mma)
     o2 = gl.zeros([W, GP], gl.float32, mma)
     o3 = gl.zeros([W, GP], gl.float32, mma)
-    off0 = gl.zeros([BN, GP], gl.float32, mma)  # sum of p x scale x zero, group 0 (the rest: 1)
+    # off0 .. off3: each key's p x scale x zero of group 0 .. 3 (p @ v's zero-point term)
+    off0 = gl.zeros([BN, GP], gl.float32, mma)
     off1 = gl.zeros([BN, GP], gl.float32, mma)
     off2 = gl.zeros([BN, GP], gl.float32, mma)
     off3 = gl.zeros([BN, GP], gl.float32, mma)
@@ -318,11 +319,11 @@ def int4_decode(
     sm_scale: float,
     op: torch.Tensor,
     lp: torch.Tensor,
-    block_n: int = 32,
-    stages: int = 3,
+    block_n: int,
+    stages: int,
 ) -> None:
     """Slice partials of paged_decode into op [B, Hq, splits, D] and lp [B, Hq, splits], for the
-    merge; splits = op.shape[2]."""
+    merge; splits = op.shape[2]; block_n keys a tile, stages ring slots (config)."""
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv

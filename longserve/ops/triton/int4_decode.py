@@ -44,8 +44,10 @@ def config(groups: int) -> dict:
 
 
 def serves(kv: PagedKV, dim: int) -> bool:
-    """Heads this kernel takes: 64 or 128 channels in 2 or 4 groups."""
-    return dim in (64, 128) and dim // kv.group_size in (2, 4)
+    """Heads this kernel takes: 64 or 128 channels in 2 or 4 groups, in pages of a power of two
+    (a tile then lies in one page or holds whole ones, as _pages and _tile assume)."""
+    bs = kv.block_size
+    return dim in (64, 128) and dim // kv.group_size in (2, 4) and bs & (bs - 1) == 0
 
 
 @gluon.jit

@@ -35,6 +35,7 @@ from longserve.kv.cache import paged_pool  # noqa: E402
 from longserve.ops.triton import (  # noqa: E402
     PagedKV,
     causal_prefill,
+    int4_decode,
     paged_decode,
     paged_extend,
     paged_prefill,
@@ -209,6 +210,27 @@ def test_decode_reads_any_pool_layout(request, fmt):
         assert kv.k.is_contiguous() != engine_layout
         outs.append(paged_decode(q.to(DEV), kv, table, seq, 0.125, 45))
     assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize(
+    "dim,group,bs,served",
+    [
+        (128, 64, 16, True),
+        (128, 64, 32, True),
+        (128, 32, 16, True),
+        (64, 16, 16, True),
+        (128, 128, 16, False),  # one group a head: a key's parameter is under cp.async's 4 bytes
+        (128, 16, 16, False),  # 8 groups
+        (128, 64, 64, False),  # pages of a tile or more
+        (128, 32, 32, False),
+        (128, 64, 12, False),  # not a power of two
+    ],
+)
+def test_int4_decode_serves(dim, group, bs, served):
+    """Which int4 caches take the Gluon decode kernel on Hopper; the rest take decode.py's."""
+    gen = torch.Generator().manual_seed(0)
+    kv, _ = random_cache(f"int4/{group}", 2, 2, dim, torch.float16, gen, bs=bs)
+    assert int4_decode.serves(kv, dim) == served
 
 
 EXTEND = _gpu_only(

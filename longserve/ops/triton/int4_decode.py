@@ -45,9 +45,16 @@ def config(groups: int) -> dict:
 
 def serves(kv: PagedKV, dim: int) -> bool:
     """Heads this kernel takes: 64 or 128 channels in 2 or 4 groups, in pages of a power of two
-    (a tile then lies in one page or holds whole ones, as _pages and _tile assume)."""
-    bs = kv.block_size
-    return dim in (64, 128) and dim // kv.group_size in (2, 4) and bs & (bs - 1) == 0
+    smaller than its tile (a tile holds whole pages, as _pages and _tile assume; pages of a tile
+    or more, the engine's --block-size 64+ with int4, stay on decode.py's kernel: a scalar-page
+    variant compiled but has not run on a GPU)."""
+    bs, groups = kv.block_size, dim // kv.group_size
+    return (
+        dim in (64, 128)
+        and groups in (2, 4)
+        and bs & (bs - 1) == 0
+        and bs < config(groups)["block_n"]
+    )
 
 
 @gluon.jit
@@ -85,30 +92,23 @@ def _tile(
     layout: gl.constexpr,
 ):  # fmt: skip
     """Offsets [BN, WIDTH] of tile keys n0 .. n0 + BN in one pool (strides s_b, s_s, s_h; rows
-    at multiples of ALIGN elements), and the mask of keys before `end`. A key's row within its page is a
-    constant of its lane (plus a scalar when a page holds whole tiles): n0 is a multiple of BN."""
+    at multiples of ALIGN elements), and the mask of keys before `end`. A tile holds whole pages
+    (n0 is a multiple of BN, a multiple of BS), so a key's row within its page is a constant of
+    its lane."""
     r = gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-    row = n0 % BS + r if BS >= BN else r % BS
     col = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    row = row * s_s + kvh * s_h
+    row = r % BS * s_s + kvh * s_h
     if ALIGN > 1:  # a hint, where the strides' own (Triton specializes multiples of 16) fall short
         row = gl.multiple_of(row, ALIGN)
     off = gl.expand_dims(row, 1) + gl.expand_dims(col, 0)
-    page = pages * s_b
-    if BS < BN:
-        page = gl.expand_dims(page, 1)
-    return page + off, gl.expand_dims(n0 + r < end, 1)
+    return gl.expand_dims(pages * s_b, 1) + off, gl.expand_dims(n0 + r < end, 1)
 
 
 @gluon.jit
 def _pages(BT, bt_row, n0, end, BS: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr):
-    """The pages of tile keys n0 .. n0 + BN (0 past `end`): one (a scalar) when a page holds
-    whole tiles, else one a key on a copy layout's key axis. n0 is a multiple of BN."""
-    if BS >= BN:
-        pages = gl.load(BT + bt_row + n0 // BS, mask=n0 < end, other=0)
-    else:
-        r = gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
-        pages = gl.load(BT + bt_row + n0 // BS + r // BS, mask=n0 + r < end, other=0)
+    """The page of each key of tile n0 .. n0 + BN (0 past `end`), on a copy layout's key axis."""
+    r = gl.arange(0, BN, layout=gl.SliceLayout(1, layout))
+    pages = gl.load(BT + bt_row + n0 // BS + r // BS, mask=n0 + r < end, other=0)
     return pages.to(gl.int64)
 
 

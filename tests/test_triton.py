@@ -212,6 +212,22 @@ def test_decode_reads_any_pool_layout(request, fmt):
     assert torch.equal(*outs)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "int4/32", "bf16", "fp8_e4m3/per_head"])
+@pytest.mark.parametrize("bs", [8, 32, 64, 128])
+def test_paged_decode_page_sizes(request, fmt, bs):
+    """Pages other than the engine's default 16: int4 at 8 and 32 takes the Gluon kernel (a tile
+    of whole pages), at 64 and 128 decode.py's, as every other format does."""
+    _skip_gpu_case(request)
+    lens = [3000, 1, 129, 2048]
+    gen = torch.Generator().manual_seed(bs)
+    q, tables, table, seq, _, blocks = make_batch(lens, [1] * 4, 64, 128, torch.bfloat16, gen, bs)
+    kv, (k, v) = random_cache(fmt, blocks, 8, 128, torch.bfloat16, gen, bs=bs)
+    out = paged_decode(q.to(DEV), kv, table, seq, 128**-0.5, max(lens))
+    ref = ref_attention(q, k, v, lens, [1] * 4, tables, 128**-0.5, bs)
+    assert rel_err(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize(
     "dim,group,bs,served",
     [

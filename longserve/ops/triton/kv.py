@@ -87,9 +87,11 @@ class PagedKV:
 
 
 def decode_config(fmt: int) -> dict:
-    """Keys per tile, warps and pipeline stages of the decode kernel, the best of the H200 sweeps
-    and A/Bs (docs/kernels.md): 64 keys for bf16/fp16 and 128 for fp8 with 4 warps; 128 for int4
-    with 2 (at every point of its sweep; 4 warps took 1.18-1.22x the time). The block-table load
+    """Keys per tile, warps, pipeline stages and programs an SM (num_splits' waves: 4, the most
+    that stay resident) of decode.py's kernel, the best of the H200 sweeps and A/Bs
+    (docs/kernels.md): 64 keys for bf16/fp16 and 128 for fp8 with 4 warps; 128 for int4 with 2
+    (at every point of its sweep; 4 warps took 1.18-1.22x the time; on Hopper most int4 caches
+    take int4_decode.py's kernel and its own config). The block-table load
     takes a pipeline stage of its own, so 3 or 4 stages leave a single K/V buffer and 5 give two:
     int4 gained about 5% from the second, bf16 nothing, and fp8 lost at batch 32 (its larger
     buffers keep only three programs on an SM)."""

@@ -32,7 +32,13 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from benchmarks.triton_bench import GROUP, HQ, D, paged_cache  # noqa: E402
 from longserve.ops.triton import int4_decode, paged_decode  # noqa: E402
-from longserve.ops.triton.kv import FP8, INT4, PLAIN, decode_config  # noqa: E402
+from longserve.ops.triton.kv import (  # noqa: E402
+    FP8,
+    INT4,
+    PLAIN,
+    decode_config,
+    int4_decode_config,
+)
 
 FORMATS = {"bf16": PLAIN, "fp8_e4m3": FP8, "int4": INT4}
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -118,7 +124,7 @@ def main() -> None:
     if args.kernel == "int4_decode":
         if args.format != "int4":
             ap.error("--kernel int4_decode reads int4 KV only")
-        cfg = int4_decode.config(D // GROUP)
+        cfg = int4_decode_config(D // GROUP)
     else:
         cfg = decode_config(FORMATS[args.format])
     launch = {

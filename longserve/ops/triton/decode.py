@@ -33,7 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from longserve.ops.triton import int4_decode
 from longserve.ops.triton.common import INT4_PHASES_PTX, INTERPRET, hopper, load_tile
-from longserve.ops.triton.kv import INT4, PagedKV, decode_config
+from longserve.ops.triton.kv import INT4, PagedKV, decode_config, int4_decode_config
 
 
 @triton.jit
@@ -429,8 +429,8 @@ def paged_decode(
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
     included); max_seq_len bounds seq_lens and fixes the number of slices. splits defaults to
-    num_splits, block_n, num_warps and num_stages to decode_config (int4_decode.config where
-    that kernel serves; it always runs one warp).
+    num_splits, block_n, num_warps and num_stages to decode_config (int4_decode_config where
+    int4_decode.py's kernel serves; it always runs one warp).
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
@@ -440,7 +440,7 @@ def paged_decode(
     pdl = q.is_cuda and hopper(q.device.index)
     gluon = kv.fmt == INT4 and pdl and int4_decode.serves(kv, dim)
     groups = dim // kv.group_size if kv.fmt == INT4 else 1
-    launch = int4_decode.config(groups) if gluon else decode_config(kv.fmt)
+    launch = int4_decode_config(groups) if gluon else decode_config(kv.fmt)
     block_n = block_n or launch["block_n"]
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]

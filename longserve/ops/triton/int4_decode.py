@@ -28,33 +28,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from longserve.ops.triton.common import INT4_PHASES_PTX
-from longserve.ops.triton.kv import PagedKV
+from longserve.ops.triton.kv import PagedKV, int4_decode_serves
 
-TINY = gl.constexpr(2.0**-24)
-# keys a tile, ring slots, programs resident an SM (slices: num_splits)
-CONFIG = dict(
-    block_n=32, num_warps=1, num_stages=3, waves=12
-)  # an fp16 subnormal's unit: the phase tiles count in it
-
-
-def config(groups: int) -> dict:
-    """Keys a tile, ring slots and programs an SM (num_splits' waves): tiles of 128 / groups keys
-    (at 64 with 4 groups a program needs 255 registers and spills), 3 slots, 8 programs."""
-    return dict(block_n=128 // groups, num_warps=1, num_stages=3, waves=8)
+TINY = gl.constexpr(2.0**-24)  # an fp16 subnormal's unit: the phase tiles count in it
 
 
 def serves(kv: PagedKV, dim: int) -> bool:
-    """Heads this kernel takes: 64 or 128 channels in 2 or 4 groups, in pages of a power of two
-    smaller than its tile (a tile holds whole pages, as _pages and _tile assume; pages of a tile
-    or more, the engine's --block-size 64+ with int4, stay on decode.py's kernel: a scalar-page
-    variant compiled but has not run on a GPU)."""
-    bs, groups = kv.block_size, dim // kv.group_size
-    return (
-        dim in (64, 128)
-        and groups in (2, 4)
-        and bs & (bs - 1) == 0
-        and bs < config(groups)["block_n"]
-    )
+    """Whether this kernel takes an int4 cache (kv.py's int4_decode_serves)."""
+    return int4_decode_serves(dim, kv.group_size, kv.block_size)
 
 
 @gluon.jit
@@ -325,7 +306,7 @@ def int4_decode(
     stages: int,
 ) -> None:
     """Slice partials of paged_decode into op [B, Hq, splits, D] and lp [B, Hq, splits], for the
-    merge; splits = op.shape[2]; block_n keys a tile, stages ring slots (config)."""
+    merge; splits = op.shape[2]; block_n keys a tile, stages ring slots (int4_decode_config)."""
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv

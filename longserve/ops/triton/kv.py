@@ -102,6 +102,27 @@ def decode_config(fmt: int) -> dict:
     }[fmt]
 
 
+def int4_decode_config(groups: int) -> dict:
+    """int4_decode.py's launch for heads of `groups` scale groups: tiles of 128 / groups keys (at
+    64 with 4 groups a program needs 255 registers and spills), one warp, 3 ring slots, slices to
+    fill 8 programs an SM (num_splits' waves)."""
+    return dict(block_n=128 // groups, num_warps=1, num_stages=3, waves=8)
+
+
+def int4_decode_serves(head_dim: int, group_size: int, block_size: int) -> bool:
+    """Whether int4 decode on Hopper takes int4_decode.py's kernel: heads of 64 or 128 channels
+    in 2 or 4 groups, in pages of a power of two smaller than its tile (a tile holds whole pages,
+    as its addressing assumes). Pages of a tile or more (the engine's --block-size 64+ with groups
+    of 64) stay on decode.py's kernel: a variant for them compiled but never ran on a GPU."""
+    groups = head_dim // group_size
+    return (
+        head_dim in (64, 128)
+        and groups in (2, 4)
+        and block_size & (block_size - 1) == 0
+        and block_size < int4_decode_config(groups)["block_n"]
+    )
+
+
 def extend_config(dim: int, group: int) -> dict:
     """Tiles of 64 rows (tokens x group) by 64 keys, 4 warps, 3 stages: the best of the H200
     sweep for Llama-3.3-70B's shape (docs/kernels.md), ahead of 128-row tiles."""

@@ -249,6 +249,17 @@ def test_int4_decode_serves(dim, group, bs, served):
     assert int4_decode.serves(kv, dim) == served
 
 
+def test_int4_decode_refuses_tiles_of_part_pages():
+    """Its addressing takes whole pages a tile: a launch asked for less is refused up front."""
+    gen = torch.Generator().manual_seed(0)
+    kv, _ = random_cache("int4", 2, 2, 128, torch.float16, gen, bs=32)
+    q = torch.zeros(1, 16, 128, dtype=torch.float16)
+    op, lp = torch.empty(1, 16, 1, 128), torch.empty(1, 16, 1)
+    table, seq = torch.zeros(1, 2, dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+    with pytest.raises(ValueError, match="whole pages"):
+        int4_decode.int4_decode(q, kv, table, seq, 0.1, op, lp, block_n=16, stages=3)
+
+
 EXTEND = _gpu_only(
     [
         (8, 2, 64, [40, 21], [40, 5], "int4"),

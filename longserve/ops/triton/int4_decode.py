@@ -307,6 +307,10 @@ def int4_decode(
 ) -> None:
     """Slice partials of paged_decode into op [B, Hq, splits, D] and lp [B, Hq, splits], for the
     merge; splits = op.shape[2]; block_n keys a tile, stages ring slots (int4_decode_config)."""
+    if block_n % kv.block_size:
+        raise ValueError(
+            f"int4 decode tiles of {block_n} keys must hold whole pages of {kv.block_size}"
+        )
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
     group = hq // hkv

@@ -43,6 +43,7 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from longserve.kv.quant import kv_bytes_per_token
 from longserve.ops.triton.kv import extend_config
 from longserve.plan.cost import load_config, plan
 from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
@@ -92,8 +93,8 @@ def kernel_shares(triton: dict) -> dict:
 def int4_triton_share(groups_run: dict, kv_read: float) -> float:
     """kv_read x the Triton int4 kernel's KV byte rate over bf16's, groups of 64 (median of the
     batches), both kernels in one run: its int4 bytes in vs_bf16 of bf16's time."""
-    d = 128  # the runs' heads: Llama-3.3-70B's
-    ratio = (d // 2 + d // 64 * 4) / (2 * d)  # int4 bytes (group params included) / bf16 bytes
+    # int4 bytes (group parameters included) over bf16's, for the runs' heads of 128 channels
+    ratio = kv_bytes_per_token(1, 1, 128, "int4") / kv_bytes_per_token(1, 1, 128, "bf16")
     return kv_read * statistics.median(
         ratio / r["groups"]["64"]["vs_bf16"] for r in groups_run["int4_groups"]
     )

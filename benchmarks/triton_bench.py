@@ -212,12 +212,13 @@ def int4_groups_point(length: int, batch: int) -> dict:
     for group in (16, 32, 64, 128):
         kv, tok_bytes = paged_cache("int4", blocks, group=group)
         t = ms(kv)
+        gluon = int4_decode.serves(kv, D)
         res["groups"][str(group)] = {
             "ms": t,
             "vs_bf16": t / res["bf16_ms"],
             "tb_s": batch * length * tok_bytes / t / 1e9,
-            "kernel": "int4_decode" if int4_decode.serves(kv, D) else "decode",
-            "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS and not int4_decode.serves(kv, D),
+            "kernel": "int4_decode" if gluon else "decode",
+            "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS and not gluon,
         }
         print(f"int4 groups of {group:3d} L={length} B={batch}: {t:.3f} ms, "
               f"{t / res['bf16_ms']:.3f} x bf16", flush=True)  # fmt: skip

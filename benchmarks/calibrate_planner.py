@@ -11,11 +11,8 @@ check the result:
   over the same cuDNN figure (the rate chunked prefill runs at with --block-size 128; above 1:
   the kernel outruns cuDNN's whole-prompt rate there);
 - kv_read, kv_read_fp8, kv_read_int4: the engine's decode kernel in each format over SDPA on bf16
-  KV, KV bytes per second, 128K, median over batches 1/8/32, same run (int4 in pages of 16: the
-  Gluon kernel);
-- kv_read_int4_triton: kv_read times the Triton int4 kernel's byte rate over bf16's (groups of
-  64, 128K, batch 8 and 32, median), from the last run that timed that kernel at the default
-  group (`int4_groups` of triton_h200_prefill_int4.json);
+  KV, KV bytes per second, 128K, median over batches 1/8/32, same run (the Gluon kernel, which
+  takes every format on Hopper);
 - step_overhead_ms (+ _per_seq x batch): the embedded 135M model's decode steps with CUDA graphs
   at batch 1 and 32, less the planner's GPU time for them (its weights read in 0.07 ms: nearly
   all host);
@@ -43,7 +40,6 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from longserve.kv.quant import kv_bytes_per_token
 from longserve.ops.triton.kv import extend_config
 from longserve.plan.cost import load_config, plan
 from longserve.plan.hardware import ENGINE_CALIBRATION, Efficiency, get_gpu
@@ -53,7 +49,6 @@ SOURCES = {  # the committed measurements, relative to the repository root
     "ttft": "benchmarks/results/prefill_ttft_h200.json",
     "ttft_128": "benchmarks/results/prefill_ttft_h200_warp.json",
     "chunk_fp8": "benchmarks/results/triton_h200_chunk_warp.json",
-    "int4_triton": "benchmarks/results/triton_h200_prefill_int4.json",
     "ttft_fp8_warp": "benchmarks/results/prefill_ttft_h200_fp8_warp.json",
     "prefix": "benchmarks/results/prefix_h200_llama70b_fp8.json",
     "tp2": "benchmarks/results/tp2_llama70b_128k_eager.json",
@@ -88,16 +83,6 @@ def kernel_shares(triton: dict) -> dict:
         "kv_read_int4": med["int4"],
         "per_batch": {k: [round(x, 3) for x in v] for k, v in shares.items()},
     }
-
-
-def int4_triton_share(groups_run: dict, kv_read: float) -> float:
-    """kv_read x the Triton int4 kernel's KV byte rate over bf16's, groups of 64 (median of the
-    batches), both kernels in one run: its int4 bytes in vs_bf16 of bf16's time."""
-    # int4 bytes (group parameters included) over bf16's, for the runs' heads of 128 channels
-    ratio = kv_bytes_per_token(1, 1, 128, "int4") / kv_bytes_per_token(1, 1, 128, "bf16")
-    return kv_read * statistics.median(
-        ratio / r["groups"]["64"]["vs_bf16"] for r in groups_run["int4_groups"]
-    )
 
 
 def step_overhead(e2e: dict, ceil: Efficiency) -> tuple[float, float]:
@@ -270,7 +255,6 @@ def main() -> None:
         kv_read=k["kv_read"],
         kv_read_fp8=k["kv_read_fp8"],
         kv_read_int4=k["kv_read_int4"],
-        kv_read_int4_triton=int4_triton_share(data["int4_triton"], k["kv_read"]),
         attention=k["attention"],
         attention_tma=k["attention_tma"],
         step_overhead_ms=fixed,

@@ -1,13 +1,13 @@
 """Compile a paged decode kernel for the H200 (sm_90a) on a machine without a GPU and count the
 instructions of its main loop: where docs/kernels.md's instruction counts come from. `--kernel
-int4_decode` compiles the Gluon int4 kernel (int4_decode.py) that serves groups of 64 on Hopper.
+warp_decode` compiles the Gluon kernel (warp_decode.py) that serves decode on Hopper.
 
 Triton compiles for whatever target its driver names; a stand-in driver names sm_90 and nothing
 runs. cuobjdump, shipped in Triton's wheel, prints the SASS and the resource usage; the loop is
 the body of the longest backward branch. Needs Triton (not part of `make setup`).
 
     python -m benchmarks.decode_sass --format int4 --block-n 128 --num-warps 2
-    python -m benchmarks.decode_sass --kernel int4_decode
+    python -m benchmarks.decode_sass --kernel warp_decode --format fp8_e4m3
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from benchmarks.triton_bench import GROUP, HQ, D, paged_cache  # noqa: E402
-from longserve.ops.triton import int4_decode, paged_decode  # noqa: E402
+from longserve.ops.triton import paged_decode, warp_decode  # noqa: E402
 from longserve.ops.triton.kv import (  # noqa: E402
     FP8,
     INT4,
     PLAIN,
     decode_config,
-    int4_decode_config,
+    warp_decode_config,
 )
 
 FORMATS = {"bf16": PLAIN, "fp8_e4m3": FP8, "int4": INT4}
@@ -61,8 +61,8 @@ class _H200Target:
 
 
 def compile_decode(fmt: str, kernel: str = "decode", **launch) -> object:  # noqa: ANN003
-    """The compiled decode kernel (decode.py's, or int4_decode.py's) for one launch configuration."""
-    jit = GluonJITFunction if kernel == "int4_decode" else JITFunction
+    """The compiled decode kernel (decode.py's, or warp_decode.py's) for one launch configuration."""
+    jit = GluonJITFunction if kernel == "warp_decode" else JITFunction
     kernels = {}
     run = jit.run
 
@@ -78,17 +78,17 @@ def compile_decode(fmt: str, kernel: str = "decode", **launch) -> object:  # noq
         seq = torch.full((batch,), 64, dtype=torch.int32)
         q = torch.zeros(batch, HQ, D, dtype=torch.bfloat16)
         kv, _ = paged_cache(fmt, batch * 4, torch.device("cpu"))  # Llama-3.3-70B's layer
-        if kernel == "int4_decode":
+        if kernel == "warp_decode":
             op = torch.empty(batch, HQ, 4, D)
             lp = torch.empty(batch, HQ, 4)
-            int4_decode.int4_decode(
+            warp_decode.warp_decode(
                 q, kv, table, seq, D**-0.5, op, lp, launch["block_n"], launch["num_stages"]
             )
         else:
             paged_decode(q, kv, table, seq, D**-0.5, 131072, **launch)
     finally:
         jit.run = run
-    return kernels["_int4_decode_kernel" if kernel == "int4_decode" else "_decode_kernel"]
+    return kernels["_warp_decode_kernel" if kernel == "warp_decode" else "_decode_kernel"]
 
 
 def loop_ops(sass: str) -> collections.Counter:
@@ -111,9 +111,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--format", default="int4", choices=list(FORMATS),
                     help="KV format (int4: groups of 64)")  # fmt: skip
-    ap.add_argument("--kernel", default="decode", choices=["decode", "int4_decode"],
-                    help="decode.py's Triton kernel, or int4_decode.py's Gluon one (int4 only; "
-                    "one warp, so --num-warps does not apply)")  # fmt: skip
+    ap.add_argument("--kernel", default="decode", choices=["decode", "warp_decode"],
+                    help="decode.py's Triton kernel, or warp_decode.py's Gluon one (one warp, so "
+                    "--num-warps does not apply)")  # fmt: skip
     ap.add_argument("--block-n", type=int, help="keys per tile (default: decode_config's)")
     ap.add_argument("--num-warps", type=int, help="warps a program (default: decode_config's)")
     ap.add_argument(
@@ -121,10 +121,8 @@ def main() -> None:
     )
     ap.add_argument("--top", type=int, default=20, help="opcodes to list")
     args = ap.parse_args()
-    if args.kernel == "int4_decode":
-        if args.format != "int4":
-            ap.error("--kernel int4_decode reads int4 KV only")
-        cfg = int4_decode_config(D // GROUP)
+    if args.kernel == "warp_decode":
+        cfg = warp_decode_config(FORMATS[args.format], D // GROUP)
     else:
         cfg = decode_config(FORMATS[args.format])
     launch = {

@@ -2,11 +2,12 @@
 
 copy     the device-to-device copy ceiling, bytes read + written, measured first in the same call
 decode   paged decode on Llama-3.3-70B's layer shape (64 q / 8 KV heads, d=128, blocks of 16):
-         16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64,
-         the Gluon kernel of int4_decode.py);
+         16K/64K/128K x batch 1/8/32 in bf16, fp8 e4m3 (per-head scales) and int4 (group 64),
+         by the engine's kernel on Hopper (warp_decode.py, Gluon);
          time, KV bytes read per second (group scales counted), against SDPA on the same bf16
-         data laid out contiguously. The engine's default launch (decode_config, num_splits)
-         and a sweep of configs are timed per point; the default's figure and the best are kept.
+         data laid out contiguously and against decode.py's Triton kernel on the same pages.
+         The engine's default launch (warp_decode_config, num_splits) and a sweep of configs
+         are timed per point; the default's figure and the best are kept.
 int4_groups  int4 decode at 128K x 8 and x 32 by group size (16 to 128 channels), against bf16
 prefill  causal prefill of one 16K and one 128K prompt, TFLOP/s, through the paged extend kernel
          (K/V gathered through the block table: chunked prefill, prefix-cache hits) and through
@@ -41,10 +42,10 @@ from longserve.kv.cache import paged_pool
 from longserve.ops.triton import (
     PagedKV,
     causal_prefill,
-    int4_decode,
     paged_decode,
     paged_extend,
     paged_prefill,
+    warp_decode,
 )
 from longserve.ops.triton.decode import ZD_GROUPS, num_splits
 from longserve.ops.triton.kv import extend_config, prefill_config
@@ -52,17 +53,14 @@ from longserve.ops.triton.kv import extend_config, prefill_config
 HQ, HKV, D, BS = 64, 8, 128, 16
 GROUP = 64  # int4 channels per scale/zero pair
 DEV = torch.device("cuda")
-# (block_n, num_warps, num_stages, waves of programs over the SMs); the defaults are
-# decode_config's (64 keys x 4 warps bf16, 128 x 4 fp8, 3 stages; 128 x 2 int4, 5 stages), 4 waves
-DECODE_CONFIGS = [
-    (64, 4, 3, 4), (64, 4, 3, 16), (64, 4, 4, 4), (64, 4, 5, 3), (128, 4, 3, 4), (128, 4, 3, 16),
-    (128, 4, 2, 4), (128, 4, 5, 3), (256, 4, 3, 4), (256, 4, 3, 16), (64, 2, 3, 4),
-    (128, 2, 3, 4), (128, 2, 5, 4), (128, 2, 3, 8), (256, 2, 3, 4),
-]  # fmt: skip
-# int4 (groups of 64) runs int4_decode.py's one-warp programs; its default: 64 keys, 3 slots, 8 waves
-INT4_CONFIGS = [
-    (64, 1, 3, 8), (64, 1, 2, 8), (64, 1, 3, 4), (64, 1, 3, 6), (32, 1, 3, 8), (32, 1, 3, 12),
-]  # fmt: skip
+# warp_decode.py's launches swept per format: (block_n, num_warps, ring slots, waves of programs
+# over the SMs); the defaults (warp_decode_config) first: bf16 32 keys in 2 slots and fp8 32 in
+# 3, four programs an SM; int4 (groups of 64) 64 keys in 3 slots, eight
+WARP_CONFIGS = {
+    "bf16": [(32, 1, 2, 4), (32, 1, 3, 4), (16, 1, 3, 4), (16, 1, 4, 4), (16, 1, 3, 8), (32, 1, 2, 6)],
+    "fp8_e4m3": [(32, 1, 3, 4), (32, 1, 2, 4), (64, 1, 3, 4), (64, 1, 2, 4), (32, 1, 3, 8), (16, 1, 4, 8)],
+    "int4": [(64, 1, 3, 8), (64, 1, 2, 8), (64, 1, 3, 4), (64, 1, 3, 6), (32, 1, 3, 8), (32, 1, 3, 12)],
+}  # fmt: skip
 PREFILL_CONFIGS = [
     extend_config(D, HQ // HKV),  # the default: BM=64, TM=8, BN=64, 4 warps, 3 stages
     dict(BM=128, TM=16, BN=64, num_warps=8, num_stages=2),
@@ -146,7 +144,7 @@ def decode_point(length: int, batch: int) -> list[dict]:
         kv, tok_bytes = paged_cache(fmt, blocks)
         nbytes = batch * length * tok_bytes + (2 * HKV * 4 if fmt == "fp8_e4m3" else 0)
         times = {"default": bench_ms(lambda kv=kv: paged_decode(q, kv, table, seq, scale, length))}
-        for bn, warps, stages, waves in INT4_CONFIGS if fmt == "int4" else DECODE_CONFIGS:
+        for bn, warps, stages, waves in WARP_CONFIGS[fmt]:
             splits = num_splits(batch, HKV, length, DEV, waves)
 
             def run(kv=kv, bn=bn, warps=warps, stages=stages, splits=splits):  # noqa: ANN202
@@ -167,6 +165,12 @@ def decode_point(length: int, batch: int) -> list[dict]:
             "best_tb_s": nbytes / times[best] / 1e9,
             "configs_ms": times,
         }
+        # the Triton kernel (decode.py's default launch) on the same pages: the peer it replaced
+        row["triton_ms"] = bench_ms(
+            lambda kv=kv: paged_decode(q, kv, table, seq, scale, length, gluon=False)
+        )
+        row["triton_tb_s"] = nbytes / row["triton_ms"] / 1e9
+        row["vs_triton"] = times[default] / row["triton_ms"]
         if fmt == "bf16":
             bf16_ms, bf16_best = times[default], times[best]
             k = kv.k[table.long()].reshape(batch, length, HKV, D).transpose(1, 2).contiguous()
@@ -188,7 +192,8 @@ def decode_point(length: int, batch: int) -> list[dict]:
         print(
             f"decode {fmt:9s} L={length:6d} B={batch:2d} {times[default]:8.3f} ms"
             f" {row['tb_s']:.2f} TB/s | best {times[best]:8.3f} ms {row['best_tb_s']:.2f} TB/s"
-            f" {best}" + (f" | sdpa {row['sdpa_ms']:.3f} ms" if "sdpa_ms" in row else ""),
+            f" {best} | triton {row['triton_ms']:.3f} ms"
+            + (f" | sdpa {row['sdpa_ms']:.3f} ms" if "sdpa_ms" in row else ""),
             flush=True,
         )
         del kv
@@ -199,7 +204,7 @@ def decode_point(length: int, batch: int) -> list[dict]:
 def int4_groups_point(length: int, batch: int) -> dict:
     """Int4 decode by group size against bf16 on the same pages, the engine's default launch:
     more groups a head mean more scales and zeros per key. Groups of 32 and 64 run
-    int4_decode.py's kernel, 16 and 128 decode.py's (there, from ZD_GROUPS groups, the zero-point
+    warp_decode.py's kernel, 16 and 128 decode.py's (there, from ZD_GROUPS groups, the zero-point
     terms on the tensor cores)."""
     blocks, table, seq, q = decode_inputs(length, batch)
 
@@ -212,12 +217,12 @@ def int4_groups_point(length: int, batch: int) -> dict:
     for group in (16, 32, 64, 128):
         kv, tok_bytes = paged_cache("int4", blocks, group=group)
         t = ms(kv)
-        gluon = int4_decode.serves(kv, D)
+        gluon = warp_decode.serves(kv, D, HQ // HKV)
         res["groups"][str(group)] = {
             "ms": t,
             "vs_bf16": t / res["bf16_ms"],
             "tb_s": batch * length * tok_bytes / t / 1e9,
-            "kernel": "int4_decode" if gluon else "decode",
+            "kernel": "warp_decode" if gluon else "decode",
             "zero_terms_on_tensor_cores": D // group >= ZD_GROUPS and not gluon,
         }
         print(f"int4 groups of {group:3d} L={length} B={batch}: {t:.3f} ms, "

@@ -192,8 +192,8 @@ def test_engine_calibration_adds_host_time_and_prices_each_kv_format(llama70b):
 )
 def test_block_size_picks_the_prefill_kernel_share(llama70b, kv, share):
     """Pages of 64+ tokens price prefill attention at the TMA kernel's share (bf16/fp16 and fp8;
-    int4 keeps paged extend's) and int4 decode at the Triton kernel's; pages of 16 at paged
-    extend's and the Gluon int4 kernel's; nothing else moves."""
+    int4 keeps paged extend's), pages of 16 at paged extend's; decode takes the Gluon kernel in
+    both; nothing else moves."""
     eng = engine_efficiency()
     ceil = plan(llama70b, "h200-measured", 1, "fp8", kv, T, efficiency=Efficiency())
     small = plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=16)
@@ -203,15 +203,12 @@ def test_block_size_picks_the_prefill_kernel_share(llama70b, kv, share):
         ceil.prefill.attention_s / eng.attention_for(kv, 16)
     )
     assert big.max_concurrent_requests == small.max_concurrent_requests
-    if kv != "int4":
-        assert big.tpot_ms == pytest.approx(small.tpot_ms)
-        assert big.prefill.ttft_s < small.prefill.ttft_s
-        return
-    assert small.kv_read_ms_per_step == pytest.approx(ceil.kv_read_ms_per_step / eng.kv_read_int4)
-    assert big.kv_read_ms_per_step == pytest.approx(
-        ceil.kv_read_ms_per_step / eng.kv_read_int4_triton
+    assert big.tpot_ms == pytest.approx(small.tpot_ms)
+    assert small.kv_read_ms_per_step == pytest.approx(
+        ceil.kv_read_ms_per_step / eng.kv_read_for(kv)
     )
-    assert big.tpot_ms > small.tpot_ms
+    if kv != "int4":
+        assert big.prefill.ttft_s < small.prefill.ttft_s
     with pytest.raises(ValueError, match="block_size"):
         plan(llama70b, "h200-measured", 1, "fp8", kv, T, block_size=0)
 

@@ -35,12 +35,12 @@ from longserve.kv.cache import paged_pool  # noqa: E402
 from longserve.ops.triton import (  # noqa: E402
     PagedKV,
     causal_prefill,
-    int4_decode,
     paged_decode,
     paged_extend,
     paged_prefill,
     reads_pages,
     store_kv,
+    warp_decode,
 )
 
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -214,10 +214,11 @@ def test_decode_reads_any_pool_layout(request, fmt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int4", "int4/32", "bf16", "fp8_e4m3/per_head"])
-@pytest.mark.parametrize("bs", [8, 32, 64, 128])
+@pytest.mark.parametrize("bs", [8, 12, 32, 64, 128])
 def test_paged_decode_page_sizes(request, fmt, bs):
-    """Pages other than the engine's default 16: int4 at 8 and 32 takes the Gluon kernel (a tile
-    of whole pages), at 64 and 128 decode.py's, as every other format does."""
+    """Pages other than the engine's default 16: on Hopper, powers of two take warp_decode.py's
+    kernel, tiles of whole pages (8, 32 against tiles of 32 or 64 keys) or pages of whole tiles
+    (64, 128); pages of 12 take decode.py's."""
     _skip_gpu_case(request)
     lens = [3000, 1, 129, 2048]
     gen = torch.Generator().manual_seed(bs)
@@ -229,35 +230,42 @@ def test_paged_decode_page_sizes(request, fmt, bs):
 
 
 @pytest.mark.parametrize(
-    "dim,group,bs,served",
+    "fmt,dim,group,bs,served",
     [
-        (128, 64, 16, True),
-        (128, 64, 32, True),
-        (128, 32, 16, True),
-        (64, 16, 16, True),
-        (128, 128, 16, False),  # one group a head: a key's parameter is under cp.async's 4 bytes
-        (128, 16, 16, False),  # 8 groups
-        (128, 64, 64, False),  # pages of a tile or more
-        (128, 32, 32, False),
-        (128, 64, 12, False),  # not a power of two
+        ("int4", 128, 64, 16, True),
+        ("int4", 128, 64, 64, True),  # pages of whole tiles
+        ("int4", 128, 32, 16, True),
+        ("int4", 64, 16, 16, True),
+        ("int4", 128, 128, 16, False),  # one group a head: a key's parameter is under 4 bytes
+        ("int4", 128, 16, 16, False),  # 8 groups
+        ("int4", 128, 64, 12, False),  # not a power of two
+        ("bf16", 128, 64, 16, True),
+        ("bf16", 64, 64, 256, True),
+        ("bf16", 256, 64, 16, False),  # heads of 256 channels
+        ("fp8_e4m3/per_head", 128, 64, 16, True),
+        ("fp8_e4m3/per_head", 128, 64, 12, False),
     ],
 )
-def test_int4_decode_serves(dim, group, bs, served):
-    """Which int4 caches take the Gluon decode kernel on Hopper; the rest take decode.py's."""
+def test_warp_decode_serves(fmt, dim, group, bs, served):
+    """Which caches take the Gluon decode kernel on Hopper; the rest take decode.py's."""
     gen = torch.Generator().manual_seed(0)
-    kv, _ = random_cache(f"int4/{group}", 2, 2, dim, torch.float16, gen, bs=bs)
-    assert int4_decode.serves(kv, dim) == served
+    kv, _ = random_cache(
+        fmt if fmt != "int4" else f"int4/{group}", 2, 2, dim, torch.float16, gen, bs=bs
+    )
+    assert warp_decode.serves(kv, dim, 8) == served
+    assert not warp_decode.serves(kv, dim, 32)  # past the mma's N of 16 heads
 
 
-def test_int4_decode_refuses_tiles_of_part_pages():
-    """Its addressing takes whole pages a tile: a launch asked for less is refused up front."""
+def test_warp_decode_refuses_pages_that_do_not_nest():
+    """Its addressing takes tiles of whole pages or pages of whole tiles: a launch whose tiles
+    and pages do not nest is refused up front."""
     gen = torch.Generator().manual_seed(0)
-    kv, _ = random_cache("int4", 2, 2, 128, torch.float16, gen, bs=32)
+    kv, _ = random_cache("bf16", 4, 2, 128, torch.float16, gen, bs=12)
     q = torch.zeros(1, 16, 128, dtype=torch.float16)
     op, lp = torch.empty(1, 16, 1, 128), torch.empty(1, 16, 1)
-    table, seq = torch.zeros(1, 2, dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
-    with pytest.raises(ValueError, match="whole pages"):
-        int4_decode.int4_decode(q, kv, table, seq, 0.1, op, lp, block_n=16, stages=3)
+    table, seq = torch.zeros(1, 4, dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+    with pytest.raises(ValueError, match="must nest"):
+        warp_decode.warp_decode(q, kv, table, seq, 0.1, op, lp, block_n=32, stages=3)
 
 
 EXTEND = _gpu_only(

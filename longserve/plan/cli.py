@@ -25,10 +25,6 @@ _EFF_FLAGS = {
     "kv_read": ("--kv-read-eff", "share of the KV-read bandwidth reached on bf16/fp16 KV"),
     "kv_read_fp8": ("--kv-read-fp8-eff", "share of the KV-read bandwidth reached on fp8 KV"),
     "kv_read_int4": ("--kv-read-int4-eff", "share of the KV-read bandwidth reached on int4 KV"),
-    "kv_read_int4_triton": (
-        "--kv-read-int4-triton-eff",
-        "the same where decode takes the Triton kernel: int4 KV in pages of 64+ tokens",
-    ),
     "matmul_bf16": ("--matmul-bf16-eff", "share of the bf16 tensor rate (bf16, int4 weights)"),
     "matmul_fp8": ("--matmul-fp8-eff", "share of the fp8 tensor rate (fp8 weights)"),
     "attention": ("--attention-eff", "share of the causal prefill attention rate (bf16 KV)"),

@@ -159,8 +159,7 @@ def plan(
 
     A cached prefix is shared: concurrent requests hold its KV once, and a prefill computes only
     the tokens after it. Decode still attends over the whole context of every request. The KV
-    block size sets which kernels price prefill attention (Efficiency.attention_for) and int4
-    decode (Efficiency.kv_read_for).
+    block size sets which kernel prices prefill attention (Efficiency.attention_for).
     """
     gpu = get_gpu(gpu) if isinstance(gpu, str) else gpu
     eff = efficiency or default_efficiency(gpu)
@@ -189,7 +188,7 @@ def plan(
 
     # decode: every request reads its whole context; the weights are read once per step
     wr_bw = gpu.weight_read_tbps * 1e12 * eff.weight_read
-    kv_bw = gpu.kv_read_tbps * 1e12 * eff.kv_read_for(kv, d, block_size)
+    kv_bw = gpu.kv_read_tbps * 1e12 * eff.kv_read_for(kv)
     mm_rate = 1e12 * (
         gpu.fp8_tflops * eff.matmul_fp8 if weights == "fp8" else gpu.bf16_tflops * eff.matmul_bf16
     )

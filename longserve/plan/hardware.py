@@ -14,8 +14,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from longserve.kv.quant import INT4_GROUP_SIZE
-from longserve.ops.triton.kv import MIN_TMA_PAGE, int4_decode_serves
+from longserve.ops.triton.kv import MIN_TMA_PAGE
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,9 @@ class Efficiency:
     """Fraction of a GPU entry's rate that a path reaches, and the fixed cost of a decode step.
 
     kv_read prices bf16/fp16 KV; kv_read_fp8 and kv_read_int4 the quantized formats, whose
-    dequantizing kernels need not reach the bandwidth the plain one does; int4 KV that the Gluon
-    decode kernel does not take (pages of 64+ tokens, or heads of one group: kv.py's
-    int4_decode_serves) decodes on the Triton kernel, at kv_read_int4_triton. Prefill attention
+    dequantizing kernels need not reach the bandwidth the plain one does (all three measured on
+    the Gluon decode kernel, which takes every format in every power-of-two page size for heads
+    of 64 or 128 channels and int4 groups of 64: kv.py's warp_decode_serves). Prefill attention
     likewise: attention over bf16/fp16 (and int4, not measured apart) KV, attention_fp8 over fp8
     KV, and attention_tma / attention_tma_fp8 in pages of MIN_TMA_PAGE tokens or more, where the
     engine's chunks read their context by TMA. step_overhead_ms
@@ -50,7 +49,6 @@ class Efficiency:
     kv_read: float = 1.0
     kv_read_fp8: float = 1.0
     kv_read_int4: float = 1.0
-    kv_read_int4_triton: float = 1.0
     matmul_bf16: float = 1.0
     matmul_fp8: float = 1.0
     attention: float = 1.0
@@ -60,15 +58,11 @@ class Efficiency:
     step_overhead_ms: float = 0.0
     step_overhead_ms_per_seq: float = 0.0
 
-    def kv_read_for(self, kv: str, head_dim: int, block_size: int) -> float:
-        """The decode KV read efficiency of a KV format name (fp8_e4m3, int4, bf16, ...) for heads
-        of head_dim channels in pages of block_size tokens."""
+    def kv_read_for(self, kv: str) -> float:
+        """The decode KV read efficiency of a KV format name (fp8_e4m3, int4, bf16, ...)."""
         if kv.startswith("fp8"):
             return self.kv_read_fp8
-        if kv == "int4":
-            gluon = int4_decode_serves(head_dim, INT4_GROUP_SIZE, block_size)
-            return self.kv_read_int4 if gluon else self.kv_read_int4_triton
-        return self.kv_read
+        return self.kv_read_int4 if kv == "int4" else self.kv_read
 
     def attention_for(self, kv: str, block_size: int) -> float:
         """The prefill attention efficiency of a KV format name in pages of block_size tokens."""
@@ -127,7 +121,6 @@ MEASURED_EFFICIENCY = Efficiency(
     kv_read=_KV_SEEN,
     kv_read_fp8=_KV_SEEN,
     kv_read_int4=_KV_SEEN,
-    kv_read_int4_triton=_KV_SEEN,
     matmul_bf16=_SEEN.bf16_tflops / _PEAK.bf16_tflops,
     matmul_fp8=_SEEN.fp8_tflops / _PEAK.fp8_tflops,
     **{

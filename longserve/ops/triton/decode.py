@@ -20,8 +20,9 @@ head or more, the zero-point terms are dots too (q's group sums against the keys
 the scaled probabilities against the values' zeros, into a small accumulator subtracted at the
 end), which spares moving each group's zeros to the score and probability tiles.
 
-On Hopper, int4 heads of 2 or 4 groups take int4_decode.py's kernel instead (Gluon: one warp a
-program, keys on the tensor cores' M axis); its slices go through the same merge.
+On Hopper, most caches take warp_decode.py's kernel instead (Gluon: one warp a program, keys on
+the tensor cores' M axis; kv.py's warp_decode_serves); its slices go through the same merge.
+This kernel serves the rest, and the interpreter.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from longserve.ops.triton import int4_decode
+from longserve.ops.triton import warp_decode
 from longserve.ops.triton.common import INT4_PHASES_PTX, INTERPRET, hopper, load_tile
-from longserve.ops.triton.kv import INT4, PagedKV, decode_config, int4_decode_config
+from longserve.ops.triton.kv import INT4, PagedKV, decode_config, warp_decode_config
 
 
 @triton.jit
@@ -402,15 +403,17 @@ def _merge_kernel(
 def num_splits(
     batch: int, kv_heads: int, max_seq_len: int, device: torch.device, waves: int = 4
 ) -> int:
-    """Slices per (sequence, KV head): at most `waves` programs per SM (bf16 and fp8 keep four
-    resident), rounded down: a sliver past a whole wave leaves a mostly idle extra one (on the
-    H200 at 128K x 8, 576 programs took 1.43x the time of 2,112; docs/kernels.md). Each slice
-    holds at least 256 tokens."""
+    """Slices per (sequence, KV head): at most `waves` programs per SM, rounded down: a sliver
+    past a whole wave leaves a mostly idle extra one (on the H200 at 128K x 8, 576 programs took
+    1.43x the time of 2,112; docs/kernels.md), and down again to a power of two, which deals a
+    power-of-two length's tiles out evenly (at 128K x 1 in bf16, 66 slices left four holding a
+    tile more than the rest: 140.8 us against 139.2 for 64). Each slice holds at least 256
+    tokens."""
     sms = 8
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = waves * sms // (batch * kv_heads)
-    return max(1, min(want, triton.cdiv(max_seq_len, 256)))
+    want = min(waves * sms // (batch * kv_heads), triton.cdiv(max_seq_len, 256))
+    return 1 << max(0, want.bit_length() - 1)
 
 
 def paged_decode(
@@ -424,13 +427,15 @@ def paged_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    gluon: bool | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D], one query per sequence at its last position -> out [B, Hq, D].
 
     block_table [B, max_blocks] int32 and seq_lens [B] int32 (tokens in the cache, this step's
     included); max_seq_len bounds seq_lens and fixes the number of slices. splits defaults to
-    num_splits, block_n, num_warps and num_stages to decode_config (int4_decode_config where
-    int4_decode.py's kernel serves; it always runs one warp).
+    num_splits, block_n, num_warps and num_stages to decode_config (warp_decode_config where
+    warp_decode.py's kernel serves; it always runs one warp). gluon=False keeps to this module's
+    kernel where warp_decode.py's would serve (the benchmark's peer); None picks.
     """
     batch, hq, dim = q.shape
     hkv = kv.num_kv_heads
@@ -438,9 +443,9 @@ def paged_decode(
     # the merge launches as a programmatic dependent of the decode grid: on the H200 at 128K x 1
     # that took bf16 from 140.9 to 139.2 us (docs/kernels.md)
     pdl = q.is_cuda and hopper(q.device.index)
-    gluon = kv.fmt == INT4 and pdl and int4_decode.serves(kv, dim)
+    gluon = pdl and warp_decode.serves(kv, dim, group) and gluon is not False
     groups = dim // kv.group_size if kv.fmt == INT4 else 1
-    launch = int4_decode_config(groups) if gluon else decode_config(kv.fmt)
+    launch = warp_decode_config(kv.fmt, groups) if gluon else decode_config(kv.fmt)
     block_n = block_n or launch["block_n"]
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
@@ -448,7 +453,7 @@ def paged_decode(
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
     if gluon:
-        int4_decode.int4_decode(q, kv, block_table, seq_lens, sm_scale, op, lp, block_n, num_stages)
+        warp_decode.warp_decode(q, kv, block_table, seq_lens, sm_scale, op, lp, block_n, num_stages)
     else:
         _decode_kernel[(batch, hkv, splits)](
             q, *kv.kernel_args(), block_table, seq_lens, op, lp, sm_scale, splits,

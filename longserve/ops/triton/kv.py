@@ -90,8 +90,8 @@ def decode_config(fmt: int) -> dict:
     """Keys per tile, warps, pipeline stages and programs an SM (num_splits' waves: 4, the most
     that stay resident) of decode.py's kernel, the best of the H200 sweeps and A/Bs
     (docs/kernels.md): 64 keys for bf16/fp16 and 128 for fp8 with 4 warps; 128 for int4 with 2
-    (at every point of its sweep; 4 warps took 1.18-1.22x the time; on Hopper most int4 caches
-    take int4_decode.py's kernel and its own config). The block-table load
+    (at every point of its sweep; 4 warps took 1.18-1.22x the time). On Hopper most caches take
+    warp_decode.py's kernel and warp_decode_config. The block-table load
     takes a pipeline stage of its own, so 3 or 4 stages leave a single K/V buffer and 5 give two:
     int4 gained about 5% from the second, bf16 nothing, and fp8 lost at batch 32 (its larger
     buffers keep only three programs on an SM)."""
@@ -102,24 +102,27 @@ def decode_config(fmt: int) -> dict:
     }[fmt]
 
 
-def int4_decode_config(groups: int) -> dict:
-    """int4_decode.py's launch for heads of `groups` scale groups: tiles of 128 / groups keys (at
-    64 with 4 groups a program needs 255 registers and spills), one warp, 3 ring slots, slices to
-    fill 8 programs an SM (num_splits' waves)."""
-    return dict(block_n=128 // groups, num_warps=1, num_stages=3, waves=8)
+def warp_decode_config(fmt: int, groups: int = 1) -> dict:
+    """warp_decode.py's launch (one warp a program) for a format, int4 with `groups` scale groups
+    a head, the best of the H200 A/Bs (docs/kernels.md): bf16/fp16 tiles of 32 keys in 2 ring
+    slots and fp8 of 32 in 3, four programs an SM; int4 tiles of 128 / groups keys (at 64 with 4
+    groups a program needs 255 registers and spills) in 3 slots, eight programs an SM."""
+    if fmt == INT4:
+        return dict(block_n=128 // groups, num_warps=1, num_stages=3, waves=8)
+    return dict(block_n=32, num_warps=1, num_stages=2 if fmt == PLAIN else 3, waves=4)
 
 
-def int4_decode_serves(head_dim: int, group_size: int, block_size: int) -> bool:
-    """Whether int4 decode on Hopper takes int4_decode.py's kernel: heads of 64 or 128 channels
-    in 2 or 4 groups, in pages of a power of two smaller than its tile (a tile holds whole pages,
-    as its addressing assumes). Pages of a tile or more (the engine's --block-size 64+ with groups
-    of 64) stay on decode.py's kernel: a variant for them compiled but never ran on a GPU."""
-    groups = head_dim // group_size
+def warp_decode_serves(
+    fmt: int, head_dim: int, group_size: int, block_size: int, group: int
+) -> bool:
+    """Whether decode on Hopper takes warp_decode.py's kernel: heads of 64 or 128 channels, up to
+    16 query heads a KV head (the mma's N), int4 in 2 or 4 scale groups a head, pages of a power
+    of two tokens (tiles and pages nest). The rest take decode.py's kernel."""
     return (
         head_dim in (64, 128)
-        and groups in (2, 4)
+        and group <= 16
+        and (fmt != INT4 or head_dim // group_size in (2, 4))
         and block_size & (block_size - 1) == 0
-        and block_size < int4_decode_config(groups)["block_n"]
     )
 
 

@@ -122,23 +122,26 @@ def _pages(BT, bt_row, n0, end, BS: gl.constexpr, BN: gl.constexpr, layout: gl.c
 
 @gluon.jit
 def _issue(
-    kb, vb, ksb, kzb, vsb, vzb, K, V, KS, KZ, VS, VZ, pk, pp, n0, end, kvh,
+    rings, slot, K, V, KS, KZ, VS, VZ, pk, pp, n0, end, kvh,
     s_kb, s_ks, s_kh, s_pb, s_ps, s_ph,
     FMT: gl.constexpr, BS: gl.constexpr, BN: gl.constexpr, W: gl.constexpr, G: gl.constexpr,
     cp: gl.constexpr, pcp: gl.constexpr,
 ):  # fmt: skip
-    """cp.async of one tile's K and V words (and, int4, its four parameter tiles) into ring
-    slots; keys at or past `end` are zero-filled. pk and pp: the tile's pages (_pages) in the
-    two layouts."""
+    """cp.async of one tile's K and V words (and, int4, its four parameter tiles) into slot
+    `slot` of the rings (K, V, K scales, K zeros, V scales, V zeros); keys at or past `end` are
+    zero-filled. pk and pp: the tile's pages (_pages) in the two layouts, then commits them as
+    one group."""
+    kb, vb, ksb, kzb, vsb, vzb = rings
     off, mask = _tile(pk, n0, end, kvh, s_kb, s_ks, s_kh, W, 1, BS, BN, cp)
-    async_copy.async_copy_global_to_shared(kb, K + off, mask=mask)
-    async_copy.async_copy_global_to_shared(vb, V + off, mask=mask)
+    async_copy.async_copy_global_to_shared(kb.index(slot), K + off, mask=mask)
+    async_copy.async_copy_global_to_shared(vb.index(slot), V + off, mask=mask)
     if FMT == 2:
         off, mask = _tile(pp, n0, end, kvh, s_pb, s_ps, s_ph, G, G, BS, BN, pcp)
-        async_copy.async_copy_global_to_shared(ksb, KS + off, mask=mask)
-        async_copy.async_copy_global_to_shared(kzb, KZ + off, mask=mask)
-        async_copy.async_copy_global_to_shared(vsb, VS + off, mask=mask)
-        async_copy.async_copy_global_to_shared(vzb, VZ + off, mask=mask)
+        async_copy.async_copy_global_to_shared(ksb.index(slot), KS + off, mask=mask)
+        async_copy.async_copy_global_to_shared(kzb.index(slot), KZ + off, mask=mask)
+        async_copy.async_copy_global_to_shared(vsb.index(slot), VS + off, mask=mask)
+        async_copy.async_copy_global_to_shared(vzb.index(slot), VZ + off, mask=mask)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -221,17 +224,16 @@ def _warp_decode_kernel(
         vzb = gl.allocate_shared_memory(gl.float16, [STAGES, BN, G], psw)
     else:  # no parameter tiles: _issue copies none
         ksb, kzb, vsb, vzb = kbuf, kbuf, kbuf, kbuf
+    rings = (kbuf, vbuf, ksb, kzb, vsb, vzb)
 
     for i in gl.static_range(STAGES - 1):
         n0 = start + i * BN
         pk = _pages(BT, bt_row, n0, end, BS, BN, cp)
         pp = _pages(BT, bt_row, n0, end, BS, BN, pcp) if FMT == 2 else pk
         _issue(
-            kbuf.index(i), vbuf.index(i), ksb.index(i), kzb.index(i), vsb.index(i),
-            vzb.index(i), K, V, KS, KZ, VS, VZ, pk, pp, n0, end, kvh,
+            rings, i, K, V, KS, KZ, VS, VZ, pk, pp, n0, end, kvh,
             s_kb, s_ks, s_kh, s_pb, s_ps, s_ph, FMT, BS, BN, W, G, cp, pcp,
         )  # fmt: skip
-        async_copy.commit_group()
     # the pages of the next tile to issue are loaded one iteration ahead
     n_next = start + (STAGES - 1) * BN
     blk = _pages(BT, bt_row, n_next, end, BS, BN, cp)
@@ -254,13 +256,10 @@ def _warp_decode_kernel(
         # every lane's copies of tile j have landed, and every read of the slot refilled next
         # (tile j - 1's) is done
         gl.thread_barrier()
-        nxt = (j + STAGES - 1) % STAGES
         _issue(
-            kbuf.index(nxt), vbuf.index(nxt), ksb.index(nxt), kzb.index(nxt), vsb.index(nxt),
-            vzb.index(nxt), K, V, KS, KZ, VS, VZ, blk, pblk, n_next, end, kvh,
+            rings, (j + STAGES - 1) % STAGES, K, V, KS, KZ, VS, VZ, blk, pblk, n_next, end, kvh,
             s_kb, s_ks, s_kh, s_pb, s_ps, s_ph, FMT, BS, BN, W, G, cp, pcp,
         )  # fmt: skip
-        async_copy.commit_group()
         n_next += BN
         blk = _pages(BT, bt_row, n_next, end, BS, BN, cp)
         if FMT == 2:

@@ -46,6 +46,8 @@ def serves(kv: PagedKV, dim: int, group: int) -> bool:
 
 
 def _fp8_ptx(fmt: str) -> gl.constexpr:
+    """Two 16-bit fp8 words in a register (bytes a0 a1 b0 b1, low first) -> the f16x2 pairs
+    (a0, b0) and (a1, b1): one prmt, two conversions."""
     cvt = f"cvt.rn.f16x2.{fmt}x2"
     return gl.constexpr(
         "{ .reg .b32 t; .reg .b16 lo, hi;\n"
@@ -58,9 +60,10 @@ FP8_E4M3_PTX, FP8_E5M2_PTX = _fp8_ptx("e4m3"), _fp8_ptx("e5m2")
 
 @gluon.jit
 def _phases(w, FMT: gl.constexpr, E5: gl.constexpr):
-    """fp16 tiles from a tile of 16-bit words, pairs of words sharing a register. int4 (FMT 2):
-    four, nibble t of each word as nib x 2^-24 (t even) or nib x 2^-20 (t odd), exact. fp8: two,
-    byte t of each word (channel 2c + t) by the hardware's fp8x2 -> f16x2 conversion."""
+    """The phase tiles of a tile of 16-bit words, pairs of words sharing a register. bf16/fp16
+    (FMT 0): the tile itself. int4 (FMT 2): four fp16 tiles, nibble t of each word as
+    nib x 2^-24 (t even) or nib x 2^-20 (t odd), exact. fp8: two, byte t of each word (channel
+    2c + t) by the hardware's fp8x2 -> f16x2 conversion."""
     if FMT == 0:
         out = (w,)
     elif FMT == 2:

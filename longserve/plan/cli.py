@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=EngineConfig.block_size,
         help="tokens per KV block, as the engine's flag: pages of 64+ tokens price the prefill's "
-        "attention at the engine's TMA kernel (bf16/fp16 or fp8 KV) and int4 decode at the "
-        "Triton kernel's share instead of the Gluon kernel's",
+        "attention at the engine's TMA kernel (bf16/fp16 or fp8 KV); decode prices the same in "
+        "every page size",
     )
     p.add_argument(
         "--prefix-cached",

@@ -443,16 +443,16 @@ def paged_decode(
     # the merge launches as a programmatic dependent of the decode grid: on the H200 at 128K x 1
     # that took bf16 from 140.9 to 139.2 us (docs/kernels.md)
     pdl = q.is_cuda and hopper(q.device.index)
-    gluon = pdl and warp_decode.serves(kv, dim, group) and gluon is not False
+    warp = gluon is not False and pdl and warp_decode.serves(kv, dim, group)
     groups = dim // kv.group_size if kv.fmt == INT4 else 1
-    launch = warp_decode_config(kv.fmt, groups) if gluon else decode_config(kv.fmt)
+    launch = warp_decode_config(kv.fmt, groups) if warp else decode_config(kv.fmt)
     block_n = block_n or launch["block_n"]
     num_warps = num_warps or launch["num_warps"]
     num_stages = num_stages or launch["num_stages"]
     splits = splits or num_splits(batch, hkv, max_seq_len, q.device, launch["waves"])
     op = torch.empty(batch, hq, splits, dim, dtype=torch.float32, device=q.device)
     lp = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
-    if gluon:
+    if warp:
         warp_decode.warp_decode(q, kv, block_table, seq_lens, sm_scale, op, lp, block_n, num_stages)
     else:
         _decode_kernel[(batch, hkv, splits)](

@@ -164,7 +164,7 @@ def _warp_decode_kernel(
     CS: gl.constexpr = 2 if FMT == 1 else 1
     TS: gl.constexpr = 1 if FMT == 1 else W
     DT: gl.constexpr = K.dtype.element_ty if FMT == 0 else gl.float16  # the mma's inputs
-    G: gl.constexpr = D // QGS  # int4 groups a head (fp8: QGS = D)
+    G: gl.constexpr = D // QGS  # int4 groups a head (bf16/fp16 and fp8: QGS = D, one)
     PPG: gl.constexpr = NPH // G  # phase tiles a group
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]
